@@ -1,0 +1,22 @@
+"""The ``gradledger`` command: a click group; each command family lives in its own ``cli_*`` module."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="gradledger")
+def main() -> None:
+    """gradledger: tamper-evident provenance from annotation exports through training, layer by layer.
+
+    Exit codes: 0 ok / intact, 1 verification failed, 2 usage or unreadable input.
+    """
+
+
+def _register() -> None:
+    """Import the command modules so their commands attach to ``main``."""
+    # Each module calls ``main.add_command`` (or uses ``@main.command``) at import time.
+
+
+_register()
