@@ -1,0 +1,45 @@
+"""Typed ingest errors: one line naming file, line, field and reason (the CLI prints it and exits 2)."""
+
+from __future__ import annotations
+
+
+class IngestError(ValueError):
+    """An export could not be ingested. Nothing was appended.
+
+    ``str(err)`` is the one-line message ``FILE:LINE: FIELD: REASON`` (line and field omitted when unknown).
+    """
+
+    def __init__(
+        self, path: str, line: int | None, field: str | None, reason: str, *, item: int | None = None
+    ) -> None:
+        self.path = path
+        self.line = line
+        self.field = field
+        self.reason = reason
+        self.item = item  # 0-based position of the element in a JSON array export, when known
+        super().__init__(self._format())
+
+    def _format(self) -> str:
+        where = self.path
+        if self.line is not None:
+            where += f":{self.line}"
+        if self.item is not None:
+            where += f" (item {self.item})"
+        parts = [where]
+        if self.field:
+            parts.append(f"field {self.field!r}")
+        parts.append(self.reason.replace("\n", " "))
+        return ": ".join(parts)
+
+
+class FieldError(ValueError):
+    """Raised by parsers while normalising one element; the reader adds file and line."""
+
+    def __init__(self, field: str | None, reason: str) -> None:
+        self.field = field
+        self.reason = reason
+        super().__init__(f"{field}: {reason}" if field else reason)
+
+
+class PseudonymKeyError(ValueError):
+    """The pseudonym key file is missing, malformed or readable by others."""
