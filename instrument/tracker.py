@@ -1,0 +1,676 @@
+"""The training tracker: turns an ordinary PyTorch loop into ``run`` / ``step`` / ``checkpoint`` ledger entries.
+
+Usage (the pattern users adopt)::
+
+    tracker = instrument.attach(model, optimizer, ledger=led, run="exp-1", policy=policy, labels=manifest,
+                                criterion=criterion, loss_reduction="mean")
+    for epoch in range(n):
+        tracker.epoch(epoch)
+        for example_ids, x, y in loader:
+            with tracker.batch(example_ids):
+                loss = criterion(model(x), y)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+    tracker.close()           # final checkpoint entry, hooks removed
+
+How it hooks in, and why this way:
+
+* ``tracker.batch(ids)`` routes the ids through the policy (weights [B, L], matched rule per example; cached per
+  id because provenance does not change within a run) and arms the ``GradNormEngine`` for the next backward.
+  A forward pre-hook on the model checks that the input batch has ``len(ids)`` rows (a clear error otherwise).
+* Per-sample losses and AUM margins come from a forward hook on the *criterion module* passed to ``attach``:
+  it sees the model output and the targets without changing the user's code. The loss is recomputed under
+  ``no_grad`` with ``reduction="none"`` and averaged over each sample's non-batch elements. Supported:
+  ``CrossEntropyLoss``, ``NLLLoss`` (these also give margins for [B, C] inputs: the assigned label's logit minus
+  the largest other one), ``MSELoss``, ``L1Loss``, ``SmoothL1Loss``, ``HuberLoss``, ``BCEWithLogitsLoss``,
+  ``BCELoss``; any other criterion is refused at attach. ``criterion=None`` records no losses or margins.
+  (``CrossEntropyLoss(weight=...)`` records the class-weighted per-sample loss, unnormalised.)
+* Optimizer step pre/post hooks close the step: the pre-hook collects the engine's norms, adds DP noise, reads
+  each layer's learning rate and snapshots the parameters; the post-hook computes ``||Δθ_l||`` and appends ONE
+  ``step`` entry (one ledger transaction: the step is either fully recorded or absent). The snapshot is a
+  transient copy of the trainable parameters during ``optimizer.step()`` only (activations are already freed
+  then); ``update_norms=False`` skips it.
+* Gradient accumulation: several ``tracker.batch`` contexts followed by one ``optimizer.step()`` (inside the
+  last context or after it) make one step entry covering all their examples in order; ``micro_batches`` records
+  the sizes. Each sample's norm is of its own loss within its micro-batch (Opacus scaling per micro-batch).
+* ``pause()`` removes every hook (engine, criterion, model, optimizer): a paused step is plain PyTorch, not
+  counted and not recorded. ``resume()`` re-installs them. ``step`` indices count recorded steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import math
+import platform
+import sys
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import rfc8785
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .dp import DPConfig, GaussianMechanism
+from .policy import BoundPolicy, Policy
+
+# ----- per-sample losses ---------------------------------------------------------------------------
+
+
+def _per_sample_loss(crit: nn.Module, inp: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The criterion with reduction='none', one value per sample (mean over each sample's elements)."""
+    if isinstance(crit, nn.CrossEntropyLoss):
+        out = F.cross_entropy(
+            inp,
+            target,
+            weight=crit.weight,
+            ignore_index=crit.ignore_index,
+            reduction="none",
+            label_smoothing=crit.label_smoothing,
+        )
+    elif isinstance(crit, nn.NLLLoss):
+        out = F.nll_loss(inp, target, weight=crit.weight, ignore_index=crit.ignore_index, reduction="none")
+    elif isinstance(crit, nn.MSELoss):
+        out = F.mse_loss(inp, target, reduction="none")
+    elif isinstance(crit, nn.L1Loss):
+        out = F.l1_loss(inp, target, reduction="none")
+    elif isinstance(crit, nn.HuberLoss):
+        out = F.huber_loss(inp, target, reduction="none", delta=crit.delta)
+    elif isinstance(crit, nn.SmoothL1Loss):
+        out = F.smooth_l1_loss(inp, target, reduction="none", beta=crit.beta)
+    elif isinstance(crit, nn.BCEWithLogitsLoss):
+        out = F.binary_cross_entropy_with_logits(
+            inp, target, weight=crit.weight, pos_weight=crit.pos_weight, reduction="none"
+        )
+    elif isinstance(crit, nn.BCELoss):
+        out = F.binary_cross_entropy(inp, target, weight=crit.weight, reduction="none")
+    else:  # pragma: no cover - refused at attach
+        raise TypeError(type(crit).__name__)
+    return out.reshape(out.shape[0], -1).mean(dim=1) if out.dim() > 1 else out
+
+
+SUPPORTED_CRITERIA = (
+    nn.CrossEntropyLoss, nn.NLLLoss, nn.MSELoss, nn.L1Loss, nn.HuberLoss, nn.SmoothL1Loss,
+    nn.BCEWithLogitsLoss, nn.BCELoss,
+)  # fmt: skip
+
+
+def _margins(inp: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """AUM margin (Pleiss et al. 2020): assigned-label logit minus the largest other logit."""
+    assigned = inp.gather(1, target.view(-1, 1)).squeeze(1)
+    others = inp.scatter(1, target.view(-1, 1), float("-inf"))
+    return assigned - others.max(dim=1).values
+
+
+# ----- canonical tensor digests (checkpoint entries) ---------------------------------------------
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """Canonical bytes: little-endian, C-contiguous raw element bytes (what the digest covers).
+
+    Read through a uint8 view so every dtype works the same way (numpy has no bfloat16).
+    """
+    t = t.detach().to("cpu").contiguous()
+    if t.numel() == 0:
+        return b""
+    data = t.reshape(-1).view(torch.uint8).numpy().tobytes()
+    size = t.element_size()
+    if sys.byteorder == "big" and size > 1:  # pragma: no cover - no big-endian CI
+        data = np.frombuffer(data, dtype=f">u{size}").astype(f"<u{size}").tobytes()
+    return data
+
+
+def tensor_descriptor(t: torch.Tensor) -> dict[str, Any]:
+    """``{"dtype": "float32", "shape": [...], "sha256": hex}`` of a tensor's canonical bytes."""
+    return {
+        "dtype": str(t.dtype).removeprefix("torch."),
+        "shape": list(t.shape),
+        "sha256": hashlib.sha256(tensor_bytes(t)).hexdigest(),
+    }
+
+
+def layer_digest(params: dict[str, dict[str, Any]]) -> str:
+    """sha256 of the RFC 8785 bytes of ``{param name: descriptor}`` for one layer's own parameters."""
+    return hashlib.sha256(rfc8785.dumps(params)).hexdigest()
+
+
+def model_digests(model: nn.Module, layers: Sequence[str]) -> dict[str, Any]:
+    """The checkpoint body's digest part; recomputable by anyone holding the model."""
+    sd = model.state_dict()
+    tensors = {k: tensor_descriptor(v) for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    out_layers = {}
+    for name in layers:
+        mod = model.get_submodule(name)
+        params = {pn: tensor_descriptor(p) for pn, p in mod.named_parameters(recurse=False)}
+        out_layers[name] = {"sha256": layer_digest(params), "params": params}
+    return {
+        "layers": out_layers,
+        "state_dict": tensors,
+        "state_dict_sha256": hashlib.sha256(rfc8785.dumps(tensors)).hexdigest(),
+    }
+
+
+# ----- helpers ---------------------------------------------------------------------------------------
+
+
+def _jsonable(x: Any) -> Any:
+    """Optimizer hyper-parameters as JSON (tuples -> lists, one-element tensors -> numbers, rest -> repr)."""
+    if x is None or isinstance(x, bool | int | str):
+        return x
+    if isinstance(x, float):
+        return x
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, torch.Tensor) and x.numel() == 1:
+        return x.item()
+    return repr(x)
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import opacus
+
+    try:
+        gl = version("gradledger")
+    except PackageNotFoundError:  # pragma: no cover - running from a bare checkout
+        gl = "unknown"
+    return {
+        "gradledger": gl,
+        "torch": torch.__version__,
+        "opacus": opacus.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _seq(result: Any) -> int:
+    """``Ledger.append`` returns the new seq (or an entry carrying it)."""
+    return int(getattr(result, "seq", result))
+
+
+def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    for v in (*args, *kwargs.values()):
+        if isinstance(v, torch.Tensor):
+            return v
+    return None
+
+
+@dataclass
+class _Micro:
+    """One ``tracker.batch`` context's results."""
+
+    ids: list[str]
+    weights: np.ndarray
+    rules: np.ndarray | None
+    epoch: int
+    norms: np.ndarray | None = None
+    clip: np.ndarray | None = None
+    losses: np.ndarray | None = None
+    margins: np.ndarray | None = None
+    ended: bool = False
+
+
+@dataclass
+class _Pending:
+    """The optimizer step being assembled."""
+
+    micros: list[_Micro] = field(default_factory=list)
+    lr: list[float | None] | None = None
+    before: list[list[torch.Tensor]] | None = None
+    eps: float | None = None
+
+
+class Tracker:
+    """Records one run into a ledger. Build it with :func:`attach`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        ledger: Any,
+        run: str,
+        policy: Policy | None = None,
+        labels: Any = None,
+        loss_reduction: str = "mean",
+        dp: DPConfig | None = None,
+        seed: int | None = None,
+        criterion: nn.Module | None = None,
+        update_norms: bool = True,
+    ) -> None:
+        from .engine import (
+            GradNormEngine,  # written alongside; imported here so `import instrument` stays light
+        )
+
+        if not isinstance(run, str) or not run:
+            raise ValueError("attach: run must be a non-empty string")
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"attach: loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        if criterion is not None:
+            if not isinstance(criterion, SUPPORTED_CRITERIA):
+                names = ", ".join(c.__name__ for c in SUPPORTED_CRITERIA)
+                raise TypeError(
+                    f"attach: criterion {type(criterion).__name__} is not supported for per-sample losses "
+                    f"(supported: {names}); pass criterion=None to record no losses"
+                )
+            if getattr(criterion, "reduction", loss_reduction) != loss_reduction:
+                raise ValueError(
+                    f"attach: criterion has reduction={criterion.reduction!r} but loss_reduction={loss_reduction!r}"
+                )
+        if policy is not None and labels is None:
+            raise ValueError(
+                "attach: a routing policy needs labels=<Manifest> to look up each example's provenance"
+            )
+        for r in _run_names(ledger):
+            if r == run:
+                raise ValueError(f"attach: run {run!r} already exists in this ledger; pick a new run name")
+
+        self.model, self.optimizer, self.ledger, self.run = model, optimizer, ledger, run
+        self.labels, self.policy, self.criterion = labels, policy, criterion
+        self.loss_reduction = loss_reduction
+        self.track_updates = update_norms
+        self.engine = GradNormEngine(model, loss_reduction=loss_reduction)
+        self.layers: list[str] = list(self.engine.layer_names)
+        self.layer_params: list[list[nn.Parameter]] = [
+            [p for p in model.get_submodule(n).parameters(recurse=False) if p.requires_grad]
+            for n in self.layers
+        ]
+        try:
+            self.device = next(p.device for ps in self.layer_params for p in ps)
+        except StopIteration:
+            raise ValueError("attach: the model has no trainable parameters") from None
+        self.bound: BoundPolicy | None = policy.bind(self.layers) if policy is not None else None
+        self._rule_cache: dict[str, int] = {}
+        self._ones_row = np.ones(len(self.layers), dtype=np.float32)
+
+        self.mechanism: GaussianMechanism | None = None
+        if dp is not None:
+            if dp.seed is None and seed is not None:
+                dp = dataclasses.replace(dp, seed=seed)
+            self.mechanism = GaussianMechanism(
+                dp, [p for ps in self.layer_params for p in ps], loss_reduction
+            )
+
+        self.policy_seq = policy.record(ledger) if policy is not None else None
+        self.run_seq = _seq(ledger.append("run", self._run_body(seed)))
+        self.step_index = 0
+        self._epoch = 0
+        self._open: _Micro | None = None
+        self._pending = _Pending()
+        self._handles: list[Any] = []
+        self._paused = False
+        self._closed = False
+        self._install()
+
+    # ----- run entry ------------------------------------------------------------------------------
+    def _run_body(self, seed: int | None) -> dict[str, Any]:
+        pid_to_name = {id(p): n for n, p in self.model.named_parameters()}
+        arch_layers = []
+        for name in self.layers:
+            mod = self.model.get_submodule(name)
+            arch_layers.append(
+                {
+                    "name": name,
+                    "type": f"{type(mod).__module__}.{type(mod).__qualname__}",
+                    "params": {
+                        pn: list(p.shape) for pn, p in mod.named_parameters(recurse=False) if p.requires_grad
+                    },
+                }
+            )
+        groups = []
+        for g in self.optimizer.param_groups:
+            hyper = {k: _jsonable(v) for k, v in g.items() if k != "params"}
+            groups.append({"hyper": hyper, "params": [pid_to_name.get(id(p), "?") for p in g["params"]]})
+        body: dict[str, Any] = {
+            "run": self.run,
+            "architecture": {
+                "root": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
+                "layers": arch_layers,
+                "trainable_parameters": sum(p.numel() for ps in self.layer_params for p in ps),
+                "dtype": str(self.layer_params[0][0].dtype).removeprefix("torch."),
+                "device": self.device.type,
+            },
+            "optimizer": {
+                "class": f"{type(self.optimizer).__module__}.{type(self.optimizer).__qualname__}",
+                "param_groups": groups,
+            },
+            "seed": seed,
+            "loss_reduction": self.loss_reduction,
+            "criterion": None if self.criterion is None else type(self.criterion).__name__,
+            "policy_seq": self.policy_seq,
+            "policy_digest": None if self.policy is None else self.policy.digest,
+            "manifest_seq": None if self.labels is None else int(self.labels.seq),
+            "manifest_digest": None if self.labels is None else self.labels.digest,
+            "manifest_name": None if self.labels is None else self.labels.name,
+            "dp": None if self.mechanism is None else self.mechanism.describe(),
+            "update_norms": self.track_updates,
+            "versions": _versions(),
+        }
+        return body
+
+    # ----- hooks ----------------------------------------------------------------------------------
+    def _install(self) -> None:
+        self._handles = [
+            self.model.register_forward_pre_hook(self._on_model_input, with_kwargs=True),
+            self.optimizer.register_step_pre_hook(self._on_step_pre),
+            self.optimizer.register_step_post_hook(self._on_step_post),
+        ]
+        if self.criterion is not None:
+            self._handles.append(self.criterion.register_forward_hook(self._on_criterion))
+
+    def _uninstall(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _on_model_input(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        micro = self._open
+        if micro is None or micro.ended:
+            return
+        x = _first_tensor(args, kwargs)
+        if x is not None and x.dim() > 0 and x.shape[0] != len(micro.ids):
+            raise ValueError(
+                f"tracker.batch got {len(micro.ids)} example ids but the model input batch has {x.shape[0]} rows"
+            )
+
+    def _on_criterion(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        micro = self._open
+        if micro is None or micro.ended or len(args) < 2:
+            return
+        inp, target = args[0], args[1]
+        n = len(micro.ids)
+        if inp.shape[0] != n:
+            raise ValueError(
+                f"tracker.batch got {n} example ids but the criterion's input batch has {inp.shape[0]} rows"
+            )
+        with torch.no_grad():
+            inp_d, tgt_d = inp.detach(), target.detach()
+            micro.losses = _per_sample_loss(module, inp_d, tgt_d).float().cpu().numpy()
+            classify = isinstance(module, nn.CrossEntropyLoss | nn.NLLLoss)
+            if classify and inp_d.dim() == 2 and tgt_d.dim() == 1 and not tgt_d.is_floating_point():
+                micro.margins = _margins(inp_d, tgt_d).float().cpu().numpy()
+
+    # ----- user API ---------------------------------------------------------------------------------
+    def epoch(self, n: int) -> None:
+        """Set the epoch recorded on following steps."""
+        self._epoch = int(n)
+
+    @contextlib.contextmanager
+    def batch(self, example_ids: Sequence[Any], *, epoch: int | None = None) -> Iterator[Tracker]:
+        """Record the forward/backward inside as one micro-batch of ``example_ids`` (see module docstring)."""
+        self._check_open()
+        if epoch is not None:
+            self._epoch = int(epoch)
+        if self._paused:
+            yield self
+            return
+        if self._open is not None:
+            raise RuntimeError("tracker.batch contexts cannot be nested")
+        ids = [str(i) for i in example_ids]
+        if not ids:
+            raise ValueError("tracker.batch: example_ids is empty")
+        if self.mechanism is not None and self._pending.micros:
+            raise NotImplementedError(
+                "DP with gradient accumulation is not supported: call optimizer.step() once per tracker.batch"
+            )
+        weights, rules = self._route(ids)
+        micro = _Micro(ids=ids, weights=weights, rules=rules, epoch=self._epoch)
+        w_t = None if self.bound is None else torch.from_numpy(weights).to(self.device)
+        max_norm = None if self.mechanism is None else self.mechanism.config.max_grad_norm
+        self.engine.begin(len(ids), weights=w_t, max_grad_norm=max_norm)
+        self._open = micro
+        try:
+            yield self
+        except BaseException:
+            if not micro.ended:
+                with contextlib.suppress(Exception):
+                    self.engine.end()  # disarm; the micro-batch is discarded
+            self._open = None
+            raise
+        if not micro.ended:
+            self._end_micro(micro)
+            self._pending.micros.append(micro)
+        self._open = None
+
+    def checkpoint(self, tag: str) -> int:
+        """Append a ``checkpoint`` entry with per-layer and state-dict sha256 digests; return its seq."""
+        self._check_open()
+        body: dict[str, Any] = {
+            "run": self.run,
+            "run_seq": self.run_seq,
+            "tag": str(tag),
+            "step": self.step_index,
+        }
+        body.update(model_digests(self.model, self.layers))
+        if self.mechanism is not None:
+            eps = self.mechanism.eps
+            if self.mechanism.eps_step != self.step_index - 1 and self.step_index > 0:
+                eps = self.mechanism.refresh(self.step_index - 1)
+            body["dp"] = {
+                "eps": eps,
+                "delta": self.mechanism.config.delta,
+                "steps": self.mechanism.accountant.steps,
+            }
+        return _seq(self.ledger.append("checkpoint", body))
+
+    def pause(self) -> None:
+        """Stop instrumenting: every hook is removed, so training runs as plain PyTorch."""
+        self._check_open()
+        if self._open is not None or self._pending.micros:
+            raise RuntimeError("tracker.pause: finish the pending optimizer step first")
+        if not self._paused:
+            self._uninstall()
+            self.engine.pause()
+            self._paused = True
+
+    def resume(self) -> None:
+        self._check_open()
+        if self._paused:
+            self.engine.resume()
+            self._install()
+            self._paused = False
+
+    def close(self, tag: str = "final") -> int:
+        """Append the final checkpoint entry and remove all hooks; return the checkpoint's seq."""
+        self._check_open()
+        if self._pending.micros:
+            n = sum(len(m.ids) for m in self._pending.micros)
+            warnings.warn(
+                f"tracker.close: {n} examples were run through tracker.batch without an optimizer.step(); "
+                "they are not a step and are not recorded",
+                stacklevel=2,
+            )
+            self._pending = _Pending()
+        seq = self.checkpoint(tag)
+        self._uninstall()
+        self.engine.remove()
+        self._closed = True
+        return seq
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if not self._closed:
+            self.close()
+
+    # ----- internals ----------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"tracker for run {self.run!r} is closed")
+
+    def _route(self, ids: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+        labels = self.labels
+        if self.bound is None:
+            if labels is not None:
+                for i in ids:
+                    if i not in labels:
+                        raise KeyError(
+                            f"example id {i!r} is not in manifest {labels.name!r} (seq {labels.seq})"
+                        )
+            return np.tile(self._ones_row, (len(ids), 1)), None
+        cache = self._rule_cache
+        rules = np.empty(len(ids), dtype=np.int32)
+        for k, i in enumerate(ids):
+            r = cache.get(i)
+            if r is None:
+                if i not in labels:
+                    raise KeyError(f"example id {i!r} is not in manifest {labels.name!r} (seq {labels.seq})")
+                r = cache[i] = self.bound.policy.match(labels[i])
+            rules[k] = r
+        return self.bound.table[rules], rules
+
+    def _end_micro(self, micro: _Micro) -> None:
+        res = self.engine.end()
+        micro.norms = res.norms.detach().float().cpu().numpy()
+        if micro.norms.shape != (len(micro.ids), len(self.layers)):
+            raise RuntimeError(
+                f"engine returned norms of shape {micro.norms.shape}, expected ({len(micro.ids)}, {len(self.layers)})"
+            )
+        if res.clip_factors is not None:
+            micro.clip = res.clip_factors.detach().float().cpu().numpy()
+        micro.ended = True
+
+    def _param_group_lr(self) -> list[float | None]:
+        lr_of: dict[int, float] = {}
+        for g in self.optimizer.param_groups:
+            lr = g.get("lr")
+            for p in g["params"]:
+                lr_of[id(p)] = (
+                    float(lr.item() if isinstance(lr, torch.Tensor) else lr) if lr is not None else math.nan
+                )
+        return [lr_of.get(id(ps[0])) if ps else None for ps in self.layer_params]
+
+    def _on_step_pre(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        open_micro = self._open
+        if open_micro is not None and not open_micro.ended:
+            self._end_micro(open_micro)
+            self._pending.micros.append(open_micro)
+        pending = self._pending
+        if not pending.micros:
+            return  # an optimizer step with no tracked batch: nothing to record
+        if self.mechanism is not None:
+            b = len(pending.micros[0].ids)
+            self.mechanism.resolve_sample_rate(b, None if self.labels is None else len(self.labels))
+            self.mechanism.add_noise(b)
+        pending.lr = self._param_group_lr()
+        if self.track_updates:
+            with torch.no_grad():
+                pending.before = [[p.detach().clone() for p in ps] for ps in self.layer_params]
+
+    def _on_step_post(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        pending = self._pending
+        if not pending.micros:
+            return
+        update: list[float] | None = None
+        if pending.before is not None:
+            update = []
+            with torch.no_grad():
+                for ps, before in zip(self.layer_params, pending.before, strict=True):
+                    sq = 0.0
+                    for p, b in zip(ps, before, strict=True):
+                        sq += float(torch.linalg.vector_norm(b.sub_(p), dtype=torch.float64)) ** 2
+                    update.append(math.sqrt(sq))
+            pending.before = None
+        eps = None
+        if self.mechanism is not None:
+            eps = self.mechanism.account(self.step_index)
+        self._append_step(pending, update, eps)
+        self._pending = _Pending()
+        self.step_index += 1
+
+    def _append_step(self, pending: _Pending, update: list[float] | None, eps: float | None) -> None:
+        micros = pending.micros
+        ids = [i for m in micros for i in m.ids]
+        norms = np.concatenate([m.norms for m in micros if m.norms is not None]).astype(
+            np.float32, copy=False
+        )
+        weights = np.concatenate([m.weights for m in micros]).astype(np.float32, copy=False)
+        payloads: dict[str, np.ndarray] = {"grad_norms": norms, "weights": weights}
+        flags: dict[str, list[int]] = {}
+        if all(m.losses is not None for m in micros):
+            losses = np.concatenate([m.losses for m in micros if m.losses is not None]).astype(np.float32)
+            payloads["losses"] = losses
+            bad = np.flatnonzero(~np.isfinite(losses))
+            if bad.size:
+                flags["nan_loss"] = bad.tolist()
+        if all(m.margins is not None for m in micros):
+            payloads["margins"] = np.concatenate([m.margins for m in micros if m.margins is not None]).astype(
+                np.float32
+            )
+        if self.bound is not None:
+            payloads["rules"] = np.concatenate([m.rules for m in micros if m.rules is not None]).astype(
+                np.int32
+            )
+        if self.mechanism is not None and all(m.clip is not None for m in micros):
+            payloads["clip"] = np.concatenate([m.clip for m in micros if m.clip is not None]).astype(
+                np.float32
+            )
+        bad_norm = np.flatnonzero(~np.isfinite(norms).all(axis=1))
+        if bad_norm.size:
+            flags["nonfinite_grad_norm"] = bad_norm.tolist()
+        body: dict[str, Any] = {
+            "run": self.run,
+            "run_seq": self.run_seq,
+            "step": self.step_index,
+            "epoch": micros[-1].epoch,
+            "example_ids": ids,
+            "layers": self.layers,
+            "micro_batches": [len(m.ids) for m in micros],
+            "lr": pending.lr,
+            "update_norms": update,
+            "policy_seq": self.policy_seq,
+            "flags": flags,
+        }
+        if self.mechanism is not None:
+            cfg = self.mechanism.config
+            body["dp"] = {
+                "eps": eps,
+                "eps_step": self.mechanism.eps_step,
+                "delta": cfg.delta,
+                "noise_multiplier": cfg.noise_multiplier,
+                "max_grad_norm": cfg.max_grad_norm,
+                "sample_rate": self.mechanism.sample_rate,
+                "accountant": cfg.accountant,
+            }
+        self.ledger.append("step", body, payloads)
+
+
+def _run_names(ledger: Any) -> list[str]:
+    return [e.body.get("run") for e in ledger.entries(kind="run")]
+
+
+def attach(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    ledger: Any,
+    run: str,
+    policy: Policy | None = None,
+    labels: Any = None,
+    loss_reduction: str = "mean",
+    dp: DPConfig | None = None,
+    seed: int | None = None,
+    criterion: nn.Module | None = None,
+    update_norms: bool = True,
+) -> Tracker:
+    """Instrument ``model`` / ``optimizer`` and append the ``run`` entry; see the module docstring.
+
+    ``labels``: the dataset :class:`ledger.provenance.Manifest` (required with a policy; every example id must be
+    in it). ``seed``: recorded in the run entry and, when ``dp.seed`` is unset, used as the DP noise seed
+    (gradledger does not seed torch for you). ``criterion``: the loss module the loop calls, for per-sample
+    losses and margins.
+    """
+    return Tracker(
+        model, optimizer, ledger=ledger, run=run, policy=policy, labels=labels, loss_reduction=loss_reduction,
+        dp=dp, seed=seed, criterion=criterion, update_norms=update_norms,
+    )  # fmt: skip
