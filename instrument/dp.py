@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.analysis import rdp as rdp_analysis
+
+# Opacus is imported where it is used: importing it costs seconds, and `import instrument` should not.
 
 ACCOUNTANTS = ("prv", "rdp")
 
@@ -78,8 +78,10 @@ class PrivacyAccountant:
     def __init__(self, kind: str, delta: float) -> None:
         if kind not in ACCOUNTANTS:
             raise ValueError(f"unknown accountant {kind!r} (one of: {', '.join(ACCOUNTANTS)})")
+        from opacus.accountants import PRVAccountant, RDPAccountant
+
         self.kind, self.delta = kind, delta
-        self.accountant = PRVAccountant() if kind == "prv" else RDPAccountant()
+        self.accountant: Any = PRVAccountant() if kind == "prv" else RDPAccountant()
         self._rdp_cache: dict[tuple[float, float], Any] = {}
 
     @property
@@ -97,6 +99,9 @@ class PrivacyAccountant:
             return float(self.accountant.get_epsilon(self.delta))
         # Same sum as RDPAccountant.get_privacy_spent, but the per-step RDP curve of each (σ, q) is computed
         # once: compute_rdp(steps=n) is compute_rdp(steps=1) * n, so ε stays cheap to report at every step.
+        from opacus.accountants import RDPAccountant
+        from opacus.accountants.analysis import rdp as rdp_analysis
+
         orders = RDPAccountant.DEFAULT_ALPHAS
         total = 0.0
         for sigma, q, n in self.accountant.history:

@@ -177,16 +177,16 @@ def _jsonable(x: Any) -> Any:
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
-    import opacus
+    def ver(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:  # pragma: no cover - running from a bare checkout
+            return "unknown"
 
-    try:
-        gl = version("gradledger")
-    except PackageNotFoundError:  # pragma: no cover - running from a bare checkout
-        gl = "unknown"
     return {
-        "gradledger": gl,
+        "gradledger": ver("gradledger"),
         "torch": torch.__version__,
-        "opacus": opacus.__version__,
+        "opacus": ver("opacus"),
         "numpy": np.__version__,
         "python": platform.python_version(),
     }
