@@ -1,0 +1,1113 @@
+"""The ``Ledger``: an append-only, RFC 9162 Merkle-logged sequence of entries in SQLite or PostgreSQL.
+
+Writes: ``append_many`` encodes bodies and payloads *before* taking the sequencer (so concurrent writers
+spend the lock on hashing leaf data and inserting only), then in ONE transaction reads the head and the
+O(log n) Merkle frontier, chains ``prev`` hashes, inserts entries, payloads and the newly completed
+perfect subtrees with executemany (SQLAlchemy Core, never per-row ORM objects), runs the indexers, and
+commits. The sequencer is ``BEGIN IMMEDIATE`` on SQLite (WAL, ``synchronous=FULL``) and a row lock on the
+``meta`` origin row on PostgreSQL, so several processes may append to one ledger without forks or gaps,
+and a writer killed at any point leaves either the whole batch or none of it.
+
+Reads stream in chunks with keyset pagination; each chunk is its own short read transaction.
+
+``verify`` treats the database as untrusted and re-hashes every stored byte (see ``Ledger.verify``).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import importlib
+import math
+import sqlite3
+import time
+import urllib.parse
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import Connection, Engine, create_engine, event, func, inspect, select, text
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import QueuePool
+
+from . import indexers as _indexers
+from . import merkle, schema
+from .canonical import (
+    KIND_RE,
+    ZERO_HASH,
+    CanonicalError,
+    EncodedPayload,
+    canonical_body,
+    decode_body,
+    descriptors_json,
+    encode_payload,
+    leaf_data,
+)
+from .errors import (
+    CheckpointRefused,
+    EntryNotFound,
+    IndexerError,
+    LedgerError,
+    LedgerExists,
+    LedgerInputError,
+    LedgerNotFound,
+    LedgerUnreadable,
+)
+from .schema import node_key
+from .tree import LevelTree, StoredTree, extend, node_rows
+
+FORMAT = 1
+READ_CHUNK = 256
+VERIFY_CHUNK = 512
+_LEAF = b"\x00"  # RFC 9162 leaf prefix (also in ledger.merkle.leaf_hash); inlined on the hot paths
+
+
+def utc_now() -> str:
+    """RFC 3339 UTC timestamp with microseconds, e.g. ``2026-11-27T20:01:02.123456Z``."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+# ------------------------------------------------------------------------------------------------------
+# Entries as read back
+# ------------------------------------------------------------------------------------------------------
+
+
+class Entry:
+    """One stored entry. ``body`` is decoded lazily; ``payloads`` are read-only numpy arrays."""
+
+    __slots__ = ("seq", "kind", "v", "ts", "prev", "leaf_hash", "body_bytes", "_payloads", "_body")
+
+    def __init__(
+        self,
+        seq: int,
+        kind: str,
+        v: int,
+        ts: str,
+        prev: bytes,
+        leaf_hash: bytes,
+        body_bytes: bytes,
+        payloads: Sequence[EncodedPayload] = (),
+        body: dict[str, Any] | None = None,
+    ) -> None:
+        self.seq = seq
+        self.kind = kind
+        self.v = v
+        self.ts = ts
+        self.prev = prev
+        self.leaf_hash = leaf_hash
+        self.body_bytes = body_bytes
+        self._payloads = tuple(payloads)
+        self._body = body
+
+    @property
+    def body(self) -> dict[str, Any]:
+        if self._body is None:
+            self._body = decode_body(self.body_bytes)
+        return self._body
+
+    @property
+    def payloads(self) -> dict[str, np.ndarray]:
+        return {p.name: p.array() for p in self._payloads}
+
+    @property
+    def descriptors(self) -> dict[str, dict[str, Any]]:
+        return {p.name: p.descriptor() for p in self._payloads}
+
+    def payload_bytes(self, name: str) -> bytes:
+        for p in self._payloads:
+            if p.name == name:
+                return p.data
+        raise KeyError(f"entry {self.seq} has no payload {name!r}")
+
+    def leaf_data(self) -> bytes:
+        """The exact bytes whose RFC 9162 leaf hash is ``leaf_hash`` (for exports and offline checks)."""
+        desc = descriptors_json([(p.name, p.dtype, p.shape, p.sha256, len(p.data)) for p in self._payloads])
+        return leaf_data(self.kind, self.v, self.seq, self.ts, self.prev, self.body_bytes, desc)
+
+    def to_json(self, with_body: bool = True) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "seq": self.seq,
+            "kind": self.kind,
+            "v": self.v,
+            "ts": self.ts,
+            "prev": self.prev.hex(),
+            "leaf_hash": self.leaf_hash.hex(),
+            "payloads": self.descriptors,
+        }
+        if with_body:
+            out["body"] = self.body
+        return out
+
+    def __repr__(self) -> str:
+        return f"Entry(seq={self.seq}, kind={self.kind!r}, v={self.v}, ts={self.ts!r})"
+
+
+@dataclass(frozen=True)
+class NewEntry:
+    """An entry to append: kind, body, optional payloads and the kind's schema version."""
+
+    kind: str
+    body: Mapping[str, Any]
+    payloads: Mapping[str, Any] | None = None
+    v: int = 1
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    kind: str
+    v: int
+    body: bytes
+    payloads: tuple[EncodedPayload, ...]
+    descriptors: bytes
+
+
+def _coerce(item: Any) -> NewEntry:
+    if isinstance(item, NewEntry):
+        return item
+    if isinstance(item, Mapping):
+        return NewEntry(item["kind"], item["body"], item.get("payloads"), item.get("v", 1))
+    if isinstance(item, (tuple, list)) and 2 <= len(item) <= 4:
+        return NewEntry(*item)
+    raise LedgerInputError(
+        f"cannot append {type(item).__name__}: give NewEntry, a mapping, or (kind, body[, payloads[, v]])"
+    )
+
+
+def _prepare(item: Any) -> _Prepared:
+    e = _coerce(item)
+    if not isinstance(e.kind, str) or not KIND_RE.fullmatch(e.kind):
+        raise CanonicalError(f"kind {e.kind!r}: must match [a-z][a-z0-9_.-]{{0,63}}")
+    if type(e.v) is not int or not 0 <= e.v < 2**31:
+        raise CanonicalError(f"kind {e.kind!r}: schema version v={e.v!r} must be a non-negative int")
+    body = canonical_body(e.body)
+    pls = tuple(encode_payload(name, arr) for name, arr in sorted((e.payloads or {}).items()))
+    desc = descriptors_json([(p.name, p.dtype, p.shape, p.sha256, len(p.data)) for p in pls])
+    return _Prepared(e.kind, e.v, body, pls, desc)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Results
+# ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VerifyResult:
+    """Outcome of ``Ledger.verify``. ``first_bad_seq`` is the lowest entry shown bad (None if not entry-level)."""
+
+    ok: bool
+    reason: str | None = None
+    first_bad_seq: int | None = None
+    size: int = 0
+    root: bytes | None = None
+    origin: str | None = None
+    entries_checked: int = 0
+    payloads_checked: int = 0
+    bytes_hashed: int = 0
+    tree_nodes_checked: int = 0
+    checkpoints_checked: int = 0
+    checkpoint: dict[str, Any] | None = None
+    indexers_checked: list[str] = field(default_factory=list)
+    deep: bool = False
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "first_bad_seq": self.first_bad_seq,
+            "reason": self.reason,
+            "size": self.size,
+            "root": self.root.hex() if self.root else None,
+            "origin": self.origin,
+            "entries_checked": self.entries_checked,
+            "payloads_checked": self.payloads_checked,
+            "bytes_hashed": self.bytes_hashed,
+            "tree_nodes_checked": self.tree_nodes_checked,
+            "checkpoints_checked": self.checkpoints_checked,
+            "checkpoint": self.checkpoint,
+            "indexers_checked": self.indexers_checked,
+            "deep": self.deep,
+            "seconds": round(self.seconds, 6),
+        }
+
+
+class _Bad(Exception):
+    def __init__(self, seq: int | None, reason: str) -> None:
+        super().__init__(reason)
+        self.seq = seq
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class InclusionProof:
+    """An RFC 9162 inclusion proof of entry ``seq`` in the tree of ``size`` entries with ``root``."""
+
+    seq: int
+    size: int
+    leaf_hash: bytes
+    root: bytes
+    hashes: list[bytes]
+
+    def verify(self) -> bool:
+        return merkle.verify_inclusion(self.seq, self.size, self.leaf_hash, self.hashes, self.root)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "seq": self.seq,
+            "size": self.size,
+            "leaf_hash": self.leaf_hash.hex(),
+            "root": self.root.hex(),
+            "proof": [h.hex() for h in self.hashes],
+        }
+
+
+@dataclass(frozen=True)
+class StoredCheckpoint:
+    id: int
+    size: int
+    root: bytes
+    note: str
+    signed_at: str
+
+
+@dataclass(frozen=True)
+class CheckpointBody:
+    """The C2SP tlog-checkpoint body of a signed note (origin, size, root), parsed without the signature."""
+
+    origin: str
+    size: int
+    root: bytes
+
+
+def parse_checkpoint_body(note_text: str) -> CheckpointBody:
+    """Parse the body of a C2SP signed note holding a tlog-checkpoint (no signature check).
+
+    Used for checkpoints stored in the ledger, whose signatures may come from keys the caller lacks; the
+    signature itself is checked with ``ledger.note.verify_checkpoint`` whenever a public key is given.
+    """
+    body, sep, _sigs = note_text.partition("\n\n")
+    if not sep:
+        raise LedgerInputError("checkpoint note: no blank line between body and signatures")
+    lines = body.split("\n")
+    if len(lines) < 3:
+        raise LedgerInputError("checkpoint note: body needs origin, size and root hash lines")
+    origin, size_s, root_b64 = lines[0], lines[1], lines[2]
+    if not origin or not size_s.isdigit() or (size_s != "0" and size_s.startswith("0")):
+        raise LedgerInputError(f"checkpoint note: bad origin or size line ({size_s!r})")
+    try:
+        root = base64.b64decode(root_b64, validate=True)
+    except ValueError as exc:
+        raise LedgerInputError(f"checkpoint note: root line is not base64: {exc}") from exc
+    if len(root) != 32:
+        raise LedgerInputError(f"checkpoint note: root hash has {len(root)} bytes, expected 32")
+    return CheckpointBody(origin, int(size_s), root)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Engines
+# ------------------------------------------------------------------------------------------------------
+
+
+def _sqlite_engine(path: Path, create: bool) -> Engine:
+    mode = "rwc" if create else "rw"
+    uri = f"file:{urllib.parse.quote(str(path.resolve()))}?mode={mode}"
+
+    def connect() -> sqlite3.Connection:
+        # isolation_level=None: the driver never opens transactions itself; the "begin" hook below does.
+        con = sqlite3.connect(uri, uri=True, timeout=120, isolation_level=None, check_same_thread=False)
+        if create:
+            con.execute("PRAGMA journal_mode=WAL")
+        con.execute("PRAGMA synchronous=FULL")
+        return con
+
+    engine = create_engine("sqlite://", creator=connect, poolclass=QueuePool, pool_size=2, max_overflow=8)
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        # BEGIN IMMEDIATE takes SQLite's single write lock up front: it is the ledger's sequencer.
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("gl_write") else "BEGIN")
+
+    return engine
+
+
+def _engine_for(target: str | Path, create: bool) -> tuple[Engine, str]:
+    """(engine, display name). Raises LedgerNotFound / LedgerInputError without touching anything."""
+    s = str(target)
+    if "://" not in s:
+        path = Path(s)
+        if path.is_dir():
+            raise LedgerInputError(f"{s}: is a directory, not a ledger file")
+        if not create and not path.exists():
+            raise LedgerNotFound(f"{s}: no such ledger")
+        return _sqlite_engine(path, create), s
+    try:
+        url = make_url(s)
+    except sa_exc.ArgumentError as exc:
+        raise LedgerInputError(f"{s}: not a valid database URL ({exc})") from exc
+    backend = url.get_backend_name()
+    display = url.render_as_string(hide_password=True)
+    if backend == "sqlite":
+        if not url.database or url.database == ":memory:":
+            raise LedgerInputError(f"{display}: a ledger needs a file; in-memory SQLite is not supported")
+        return _engine_for(url.database, create)[0], display
+    if backend == "postgresql":
+        if url.drivername in ("postgresql", "postgres"):
+            url = url.set(drivername="postgresql+psycopg")
+        try:
+            engine = create_engine(url, connect_args={"connect_timeout": 10})
+        except (ImportError, sa_exc.ArgumentError) as exc:
+            raise LedgerInputError(f"{display}: {exc}") from exc
+        return engine, display
+    raise LedgerInputError(
+        f"{display}: unsupported database {backend!r} (use a file path, sqlite:/// or postgresql+psycopg://)"
+    )
+
+
+# ------------------------------------------------------------------------------------------------------
+# The ledger
+# ------------------------------------------------------------------------------------------------------
+
+
+class Ledger:
+    """An append-only Merkle log of entries. Open with ``Ledger.open(path_or_url, create=False)``."""
+
+    def __init__(self, engine: Engine, display: str, origin: str) -> None:
+        self.engine = engine
+        self.location = display
+        self.origin = origin
+        self.dialect = engine.dialect.name
+
+    # -- opening ---------------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path_or_url: str | Path, create: bool = False, *, origin: str | None = None) -> Ledger:
+        """Open a ledger; with ``create=True`` make one first if none is there (an existing one is opened).
+
+        ``origin`` (create only) overrides the generated ``gradledger.local/<uuid4>`` name.
+        Raises LedgerNotFound (nothing there, or not a ledger; nothing is created), LedgerUnreadable.
+        """
+        engine, display = _engine_for(path_or_url, create)
+        try:
+            with engine.connect() as conn:
+                has_meta = inspect(conn).has_table("meta")
+                found = None
+                if has_meta:
+                    m = schema.meta
+                    found = conn.execute(select(m.c.value).where(m.c.key == "origin")).scalar()
+                conn.rollback()
+            if found is None:
+                if not create:
+                    engine.dispose()
+                    raise LedgerNotFound(f"{display}: not a gradledger ledger (no ledger tables)")
+                found = cls._create(engine, origin or f"gradledger.local/{uuid.uuid4()}")
+            ledger = cls(engine, display, found)
+            if create:
+                ledger.ensure_indexers()
+            return ledger
+        except LedgerError:
+            engine.dispose()
+            raise
+        except sa_exc.DBAPIError as exc:
+            engine.dispose()
+            raise LedgerUnreadable(f"{display}: cannot read the database: {_db_reason(exc)}") from exc
+
+    @classmethod
+    def create(cls, path_or_url: str | Path, *, origin: str | None = None) -> Ledger:
+        """Create a new ledger; LedgerExists if the target already holds one."""
+        s = str(path_or_url)
+        try:
+            existing = cls.open(s)
+        except LedgerNotFound:
+            return cls.open(s, create=True, origin=origin)
+        existing.close()
+        raise LedgerExists(f"{existing.location}: already a gradledger ledger (origin {existing.origin})")
+
+    @staticmethod
+    def _create(engine: Engine, origin: str) -> str:
+        if not origin.isascii() or not origin.isprintable() or " " in origin or not origin:
+            raise LedgerInputError(f"origin {origin!r}: must be non-empty visible ASCII without spaces")
+        with engine.connect().execution_options(gl_write=True) as conn, conn.begin():
+            schema.metadata.create_all(conn, tables=list(schema.CORE_TABLES))
+            m = schema.meta
+            if conn.dialect.name == "postgresql":
+                conn.execute(text("LOCK TABLE meta IN EXCLUSIVE MODE"))
+            existing = conn.execute(select(m.c.value).where(m.c.key == "origin")).scalar()
+            if existing is not None:  # another process created it first
+                return str(existing)
+            conn.execute(
+                m.insert(), [{"key": "origin", "value": origin}, {"key": "format", "value": str(FORMAT)}]
+            )
+            Ledger._append_locked(conn, [_prepare(("ledger", {"origin": origin, "format": FORMAT}))])
+        return origin
+
+    def close(self) -> None:
+        """Release every pooled connection (SQLite checkpoints its WAL when the last one closes)."""
+        self.engine.dispose()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Ledger({self.location!r}, origin={self.origin!r})"
+
+    # -- connections -----------------------------------------------------------------------------------
+
+    @contextmanager
+    def _read(self, snapshot: bool = False) -> Iterator[Connection]:
+        with self.engine.connect() as conn:
+            if snapshot and self.dialect == "postgresql":
+                conn = conn.execution_options(isolation_level="REPEATABLE READ")
+            with conn.begin():
+                yield conn
+
+    @contextmanager
+    def _write(self, commit: bool = True) -> Iterator[Connection]:
+        """One write transaction holding the sequencer (BEGIN IMMEDIATE / row lock on meta.origin).
+
+        Commits on success unless ``commit`` is False (deep verify's scratch rebuild); rolls back on error.
+        """
+        with self.engine.connect().execution_options(gl_write=True) as conn:
+            trans = conn.begin()
+            try:
+                if self.dialect == "postgresql":
+                    m = schema.meta
+                    conn.execute(select(m.c.value).where(m.c.key == "origin").with_for_update())
+                yield conn
+            except BaseException:
+                trans.rollback()
+                raise
+            if commit:
+                trans.commit()
+            else:
+                trans.rollback()
+
+    # -- appending -------------------------------------------------------------------------------------
+
+    def append(
+        self, kind: str, body: Mapping[str, Any], payloads: Mapping[str, Any] | None = None, *, v: int = 1
+    ) -> int:
+        """Append one entry; returns its seq."""
+        return self.append_many([NewEntry(kind, body, payloads, v)])[0]
+
+    def append_many(self, entries: Iterable[Any]) -> list[int]:
+        """Append a batch atomically (one transaction); returns the seqs, contiguous and in order.
+
+        Items: ``NewEntry``, a mapping with kind/body/payloads/v, or a tuple ``(kind, body[, payloads[, v]])``.
+        """
+        prepared = [_prepare(e) for e in entries]
+        if not prepared:
+            return []
+        with self._write() as conn:
+            active = self._ensure_indexers_locked(conn)
+            return self._append_locked(conn, prepared, active)
+
+    @staticmethod
+    def _append_locked(
+        conn: Connection, prepared: Sequence[_Prepared], active: Sequence[_indexers.Indexer] = ()
+    ) -> list[int]:
+        e = schema.entries
+        head = conn.execute(select(e.c.seq, e.c.leaf_hash).order_by(e.c.seq.desc()).limit(1)).first()
+        size = 0 if head is None else head[0] + 1
+        prev = ZERO_HASH if head is None else head[1]
+        frontier = StoredTree(conn).frontier(size)
+        ts = utc_now()
+        sha = hashlib.sha256
+        rows: list[dict[str, Any]] = []
+        prow: list[dict[str, Any]] = []
+        leaves: list[bytes] = []
+        for i, p in enumerate(prepared):
+            seq = size + i
+            h = sha(_LEAF + leaf_data(p.kind, p.v, seq, ts, prev, p.body, p.descriptors)).digest()
+            rows.append(
+                {"seq": seq, "kind": p.kind, "v": p.v, "ts": ts, "prev": prev, "body": p.body, "leaf_hash": h}
+            )
+            for pl in p.payloads:
+                prow.append(
+                    {
+                        "seq": seq,
+                        "name": pl.name,
+                        "dtype": pl.dtype,
+                        "shape": pl.shape,
+                        "sha256": pl.sha256,
+                        "data": pl.data,
+                    }
+                )
+            leaves.append(h)
+            prev = h
+        nodes = extend(frontier, leaves, size)
+        conn.execute(e.insert(), rows)
+        if prow:
+            conn.execute(schema.payloads.insert(), prow)
+        if nodes:
+            conn.execute(schema.tree_nodes.insert(), node_rows(nodes))
+        for ix in active:
+            mine = [
+                Entry(r["seq"], r["kind"], r["v"], ts, r["prev"], r["leaf_hash"], r["body"], p.payloads)
+                for r, p in zip(rows, prepared, strict=True)
+                if r["kind"] in ix.kinds
+            ]
+            if mine:
+                ix.apply(conn, mine)
+        return [r["seq"] for r in rows]
+
+    # -- indexers --------------------------------------------------------------------------------------
+
+    def ensure_indexers(self) -> list[str]:
+        """Create and back-fill the tables of every registered indexer this ledger lacks; returns all active names."""
+        with self._write() as conn:
+            return [ix.name for ix in self._ensure_indexers_locked(conn)]
+
+    def _ensure_indexers_locked(self, conn: Connection) -> list[_indexers.Indexer]:
+        """Import the indexers this ledger uses, materialise newly registered ones; return the active set."""
+        m = schema.meta
+        rows = conn.execute(select(m.c.key, m.c.value).where(m.c.key.like("indexer:%"))).all()
+        materialized = {k[len("indexer:") :]: v for k, v in rows}
+        for name, module in materialized.items():
+            if _indexers.get(name) is None:
+                try:
+                    importlib.import_module(module)
+                except ImportError as exc:
+                    raise IndexerError(
+                        f"ledger uses indexer {name!r} from {module}, which cannot be imported: {exc}"
+                    ) from exc
+                if _indexers.get(name) is None:
+                    raise IndexerError(
+                        f"ledger uses indexer {name!r}, but importing {module} did not register it"
+                    )
+        for ix in _indexers.registered():
+            if ix.name in materialized:
+                continue
+            for t in ix.tables:
+                t.create(conn, checkfirst=True)
+            self._rebuild_indexer(conn, ix, self._size(conn))
+            conn.execute(m.insert(), [{"key": f"indexer:{ix.name}", "value": type(ix).__module__}])
+            materialized[ix.name] = type(ix).__module__
+        return [ix for ix in _indexers.registered() if ix.name in materialized]
+
+    def _rebuild_indexer(self, conn: Connection, ix: _indexers.Indexer, size: int) -> None:
+        cursor = 0
+        while cursor < size:
+            chunk = _read_chunk(conn, set(ix.kinds), cursor, size, READ_CHUNK, True)
+            if not chunk:
+                break
+            ix.apply(conn, chunk)
+            cursor = chunk[-1].seq + 1
+
+    # -- reading ---------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _size(conn: Connection) -> int:
+        top = conn.execute(select(func.max(schema.entries.c.seq))).scalar()
+        return 0 if top is None else int(top) + 1
+
+    @property
+    def size(self) -> int:
+        """Number of entries (highest seq + 1)."""
+        with self._read() as conn:
+            return self._size(conn)
+
+    def root(self, size: int | None = None) -> bytes:
+        """RFC 9162 root hash of the first ``size`` entries (default: all), from stored subtree hashes."""
+        with self._read() as conn:
+            n = self._size(conn)
+            size = n if size is None else size
+            if not 0 <= size <= n:
+                raise EntryNotFound(f"tree size {size} is not in [0, {n}]")
+            return StoredTree(conn).root(size)
+
+    def entry(self, seq: int) -> Entry:
+        """The entry at ``seq`` (EntryNotFound if there is none)."""
+        with self._read() as conn:
+            got = _read_chunk(conn, None, seq, seq + 1, 1, True)
+        if not got or got[0].seq != seq:
+            raise EntryNotFound(f"{self.location}: no entry with seq {seq}")
+        return got[0]
+
+    def entries(
+        self,
+        kind: str | Iterable[str] | None = None,
+        start: int = 0,
+        *,
+        end: int | None = None,
+        payloads: bool = True,
+    ) -> Iterator[Entry]:
+        """Stream entries in seq order from ``start`` (optionally only ``kind``), in chunks of short reads."""
+        kinds = None if kind is None else ({kind} if isinstance(kind, str) else set(kind))
+        cursor = start
+        while True:
+            with self._read() as conn:
+                limit = end if end is not None else self._size(conn)
+                chunk = _read_chunk(conn, kinds, cursor, limit, READ_CHUNK, payloads)
+            if not chunk:
+                return
+            yield from chunk
+            cursor = chunk[-1].seq + 1
+
+    def steps(self, run: str) -> Iterator[Any]:
+        """Typed step records of one run (``ledger.records.iter_steps``)."""
+        from .records import iter_steps  # written by the tracker work; imported lazily
+
+        return iter_steps(self, run)
+
+    # -- proofs ----------------------------------------------------------------------------------------
+
+    def inclusion_proof(self, seq: int, size: int | None = None) -> list[bytes]:
+        """RFC 9162 inclusion proof (bottom-up hashes) of entry ``seq`` in the tree of ``size`` entries."""
+        return self.prove(seq, size).hashes
+
+    def prove(self, seq: int, size: int | None = None) -> InclusionProof:
+        """Inclusion proof of ``seq`` with its leaf hash and the root it proves against."""
+        with self._read() as conn:
+            n = self._size(conn)
+            size = n if size is None else size
+            if not 0 <= size <= n:
+                raise EntryNotFound(f"tree size {size} is not in [0, {n}]")
+            if not 0 <= seq < size:
+                raise EntryNotFound(f"seq {seq} is not in [0, {size})")
+            st = StoredTree(conn)
+            hashes = st.inclusion_proof(seq, size)
+            return InclusionProof(seq, size, st.node(0, seq), st.root(size), hashes)
+
+    def consistency_proof(self, old_size: int, new_size: int | None = None) -> list[bytes]:
+        """RFC 9162 consistency proof from the tree of ``old_size`` entries to ``new_size`` (default: all)."""
+        with self._read() as conn:
+            n = self._size(conn)
+            new_size = n if new_size is None else new_size
+            if not 0 < old_size <= new_size <= n:
+                raise EntryNotFound(f"need 0 < old_size <= new_size <= {n}, got {old_size}, {new_size}")
+            return StoredTree(conn).consistency_proof(old_size, new_size)
+
+    # -- signed checkpoints ----------------------------------------------------------------------------
+
+    def checkpoints(self) -> list[StoredCheckpoint]:
+        """Every checkpoint note stored in this ledger, oldest first."""
+        t = schema.signed_checkpoints
+        with self._read() as conn:
+            rows = conn.execute(
+                select(t.c.id, t.c.size, t.c.root, t.c.note, t.c.signed_at).order_by(t.c.id)
+            ).all()
+        return [StoredCheckpoint(int(r[0]), int(r[1]), bytes(r[2]), str(r[3]), str(r[4])) for r in rows]
+
+    def sign_checkpoint(self, private_key: Any, key_name: str) -> str:
+        """Sign (origin, size, root) as a C2SP checkpoint note, store it, and return the note text.
+
+        Refuses (CheckpointRefused) when the current tree is not an extension of every checkpoint signed
+        before: each stored note must be for this origin, no larger than the ledger, and provably consistent
+        (RFC 9162 consistency proof from its size to the current size, checked against both roots).
+        Holds the sequencer while checking and storing, so the signed size cannot move underneath.
+        """
+        from . import note
+
+        with self._write() as conn:
+            n = self._size(conn)
+            st = StoredTree(conn)
+            root = st.root(n)
+            t = schema.signed_checkpoints
+            for cid, note_text in conn.execute(select(t.c.id, t.c.note).order_by(t.c.id)).all():
+                try:
+                    old = parse_checkpoint_body(note_text)
+                except LedgerInputError as exc:
+                    raise CheckpointRefused(
+                        f"stored checkpoint #{cid} is unreadable ({exc}); refusing to sign"
+                    ) from exc
+                if old.origin != self.origin:
+                    raise CheckpointRefused(
+                        f"stored checkpoint #{cid} is for origin {old.origin!r}, not {self.origin!r}"
+                    )
+                if old.size > n:
+                    raise CheckpointRefused(
+                        f"checkpoint #{cid} signed {old.size} entries but the ledger has {n}: it was truncated or rolled back"
+                    )
+                if old.size == 0:
+                    continue
+                proof = st.consistency_proof(old.size, n)
+                if not merkle.verify_consistency(old.size, n, proof, old.root, root):
+                    raise CheckpointRefused(
+                        f"the ledger is not consistent with checkpoint #{cid} (size {old.size}): its history was rewritten"
+                    )
+            note_text = note.sign_checkpoint(self.origin, n, root, private_key, key_name)
+            conn.execute(t.insert(), [{"size": n, "root": root, "note": note_text, "signed_at": utc_now()}])
+        return note_text
+
+    # -- verification ----------------------------------------------------------------------------------
+
+    def verify(self, checkpoint: str | None = None, pubkey: Any = None, deep: bool = False) -> VerifyResult:
+        """Re-hash every stored byte and check the log's structure; return the first problem found.
+
+        Full verify, in one read snapshot: seq contiguity from 0; each payload's bytes against its sha256;
+        leaf data rebuilt from the stored columns and its leaf hash against ``leaf_hash``; each ``prev``
+        against the recomputed previous leaf hash; entry 0 is the ``ledger`` entry naming this origin; every
+        stored perfect-subtree hash recomputed from the leaves (missing or extra nodes are errors); every
+        stored checkpoint note consistent with the recomputed tree (and, with ``pubkey``, its signature if
+        it carries one by that key). With ``checkpoint`` (note text) and ``pubkey``: the signature, the
+        origin, and that the recomputed tree extends the signed one (truncation, rollback, forks, a
+        replaced ledger). ``deep`` additionally parses every body (valid, canonical JSON object) and
+        rebuilds every indexer's tables and compares them.
+
+        Exact first bad seq for anything stored-vs-recomputed. Against a signed root the bad entry cannot
+        be located from the root alone: the result names the narrowest range that signed anchors (the given
+        checkpoint plus stored notes that verify under ``pubkey``) prove, and ``first_bad_seq`` is its start.
+        Raises the note module's errors for an unusable checkpoint or key (the CLI exits 2 on those).
+        """
+        t0 = time.perf_counter()
+        res = VerifyResult(ok=True, origin=self.origin, deep=deep)
+        anchor = None
+        if checkpoint is not None:
+            if pubkey is None:
+                raise LedgerInputError("verifying against a checkpoint needs the signer's public key")
+            from . import note
+
+            anchor = note.verify_checkpoint(checkpoint, pubkey)
+            res.checkpoint = {"origin": anchor.origin, "size": anchor.size, "root": bytes(anchor.root).hex()}
+        try:
+            with self._read(snapshot=True) as conn:
+                n = self._size(conn)
+                res.size = n
+                leaves = self._verify_entries(conn, n, res, deep)
+                lt = LevelTree(leaves)
+                self._verify_tree(conn, lt, n, res)
+                res.root = lt.root()
+                self._verify_checkpoints(conn, lt, anchor, pubkey, res)
+            if deep:
+                self._verify_indexers(n, res)
+        except _Bad as bad:
+            res.ok = False
+            res.first_bad_seq = bad.seq
+            res.reason = bad.reason
+        except sa_exc.DBAPIError as exc:
+            raise LedgerUnreadable(f"{self.location}: cannot read the database: {_db_reason(exc)}") from exc
+        res.seconds = time.perf_counter() - t0
+        return res
+
+    def _verify_entries(self, conn: Connection, n: int, res: VerifyResult, deep: bool) -> bytearray:
+        e, p = schema.entries, schema.payloads
+        sha = hashlib.sha256
+        leaves = bytearray()
+        prev = ZERO_HASH
+        expect = 0
+        ecols = (e.c.seq, e.c.kind, e.c.v, e.c.ts, e.c.prev, e.c.body, e.c.leaf_hash)
+        pcols = (p.c.seq, p.c.name, p.c.dtype, p.c.shape, p.c.sha256, p.c.data)
+        nbytes = npay = 0
+        try:
+            while expect < n:
+                rows = conn.execute(
+                    select(*ecols).where(e.c.seq >= expect, e.c.seq < n).order_by(e.c.seq).limit(VERIFY_CHUNK)
+                ).all()
+                if not rows:
+                    raise _Bad(
+                        expect, f"entry {expect} is missing (no stored entries from {expect} to {n - 1})"
+                    )
+                last = rows[-1][0]
+                prows = conn.execute(
+                    select(*pcols).where(p.c.seq >= expect, p.c.seq <= last).order_by(p.c.seq, p.c.name)
+                ).all()
+                pi, np_ = 0, len(prows)
+                for seq, kind, v, ts, prev_s, body, leaf_s in rows:
+                    if seq != expect:
+                        raise _Bad(expect, f"entry {expect} is missing (the next stored entry is {seq})")
+                    if pi < np_ and prows[pi][0] < seq:
+                        raise _Bad(
+                            prows[pi][0],
+                            f"payload {prows[pi][1]!r} belongs to a missing entry {prows[pi][0]}",
+                        )
+                    descs = []
+                    while pi < np_ and prows[pi][0] == seq:
+                        _, name, dtype, shape, psha, data = prows[pi]
+                        d = sha(data).digest()
+                        if d != psha:
+                            raise _Bad(
+                                seq, f"entry {seq}: payload {name!r} bytes do not match their stored sha256"
+                            )
+                        _check_payload_shape(seq, name, dtype, shape, len(data))
+                        descs.append((name, dtype, shape, d, len(data)))
+                        nbytes += len(data)
+                        npay += 1
+                        pi += 1
+                    try:
+                        if prev != prev_s:
+                            what = (
+                                "is not 32 zero bytes"
+                                if seq == 0
+                                else f"does not match the leaf hash of entry {seq - 1}"
+                            )
+                            raise _Bad(seq, f"entry {seq}: prev hash {what}")
+                        ld = leaf_data(kind, v, seq, ts, prev_s, body, descriptors_json(descs))
+                    except (TypeError, ValueError, AttributeError) as exc:
+                        raise _Bad(seq, f"entry {seq}: malformed stored column ({exc})") from exc
+                    h = sha(_LEAF + ld).digest()
+                    if h != leaf_s:
+                        raise _Bad(
+                            seq,
+                            f"entry {seq}: stored leaf hash does not match the leaf data rebuilt from its columns (kind, body, ts, v or payloads changed)",
+                        )
+                    if seq == 0 or deep:
+                        _check_body(seq, kind, body, self.origin, deep)
+                    nbytes += len(body)
+                    leaves += h
+                    prev = h
+                    expect += 1
+                if pi < np_:
+                    raise _Bad(
+                        prows[pi][0], f"payload {prows[pi][1]!r} belongs to a missing entry {prows[pi][0]}"
+                    )
+            orphan = conn.execute(select(func.min(p.c.seq)).where(p.c.seq >= n)).scalar()
+            if orphan is not None:
+                raise _Bad(
+                    n, f"payload rows exist for entry {orphan} but the ledger ends at {n - 1} (tail deleted?)"
+                )
+        finally:
+            res.entries_checked = expect
+            res.payloads_checked = npay
+            res.bytes_hashed = nbytes
+        if n == 0:
+            raise _Bad(0, "the ledger has no entries (entry 0 is missing)")
+        return leaves
+
+    def _verify_tree(self, conn: Connection, lt: LevelTree, n: int, res: VerifyResult) -> None:
+        t = schema.tree_nodes
+        top = len(lt.levels) - 1
+        bogus = conn.execute(
+            select(func.min(t.c.node)).where((t.c.node < node_key(1, 0)) | (t.c.node >= node_key(top + 1, 0)))
+        ).scalar()
+        if bogus is not None:
+            raise _Bad(
+                n,
+                f"tree state holds a node beyond the {n} stored entries (key {bogus}): entries were deleted from the tail",
+            )
+        checked = 0
+        for level in range(1, top + 1):
+            want = lt.levels[level]
+            count = len(want) // 32
+            got = bytearray()
+            idx = 0
+            q = (
+                select(t.c.node, t.c.hash)
+                .where(t.c.node >= node_key(level, 0), t.c.node < node_key(level + 1, 0))
+                .order_by(t.c.node)
+            )
+            for key, h in conn.execute(q):
+                i = key - node_key(level, 0)
+                if i != idx:
+                    first = (idx if i > idx else i) << level
+                    raise _Bad(
+                        min(first, n),
+                        f"stored subtree hash level {level} index {idx} is missing or duplicated",
+                    )
+                if i >= count:
+                    raise _Bad(
+                        n,
+                        f"tree state holds subtree level {level} index {i} beyond the {n} stored entries: entries were deleted from the tail",
+                    )
+                got += h
+                idx += 1
+            if idx < count:
+                raise _Bad(idx << level, f"stored subtree hash level {level} index {idx} is missing")
+            if got != want:
+                bad = next(i for i in range(count) if got[i * 32 : i * 32 + 32] != want[i * 32 : i * 32 + 32])
+                raise _Bad(
+                    bad << level,
+                    f"stored subtree hash level {level} index {bad} (entries {bad << level}..{((bad + 1) << level) - 1}) does not match the recomputed one",
+                )
+            checked += count
+        res.tree_nodes_checked = checked
+
+    def _verify_checkpoints(
+        self, conn: Connection, lt: LevelTree, anchor: Any, pubkey: Any, res: VerifyResult
+    ) -> None:
+        n = lt.size
+        t = schema.signed_checkpoints
+        anchors: list[tuple[int, bytes, str]] = []  # trusted (size, root, label): signature checked
+        for cid, size_c, root_c, note_text in conn.execute(
+            select(t.c.id, t.c.size, t.c.root, t.c.note).order_by(t.c.id)
+        ):
+            label = f"stored checkpoint #{cid}"
+            try:
+                body = parse_checkpoint_body(note_text)
+            except LedgerInputError as exc:
+                raise _Bad(None, f"{label} is unreadable: {exc}") from exc
+            if body.size != size_c or body.root != root_c:
+                raise _Bad(None, f"{label}: the size/root columns differ from the signed note")
+            if body.origin != self.origin:
+                raise _Bad(None, f"{label} is for origin {body.origin!r}, not this ledger's {self.origin!r}")
+            if body.size > n:
+                raise _Bad(
+                    n,
+                    f"{label} signed {body.size} entries but the ledger has {n}: entries {n}..{body.size - 1} are missing (truncated or rolled back)",
+                )
+            if body.size and lt.root(body.size) != body.root:
+                anchors.append((body.size, body.root, label))  # judged below with the other anchors
+            res.checkpoints_checked += 1
+            if pubkey is not None and _signed_by(note_text, pubkey):
+                anchors.append((body.size, body.root, label))
+        if anchor is not None:
+            if anchor.origin != self.origin:
+                raise _Bad(
+                    0, f"the checkpoint is for origin {anchor.origin!r}, this ledger is {self.origin!r}"
+                )
+            if anchor.size > n:
+                raise _Bad(
+                    n,
+                    f"the checkpoint signed {anchor.size} entries but the ledger has {n}: entries {n}..{anchor.size - 1} are missing (truncated or rolled back)",
+                )
+            anchors.append((anchor.size, bytes(anchor.root), "the checkpoint"))
+        bad = sorted((s, lbl) for s, r, lbl in anchors if s and lt.root(s) != r)
+        if not bad:
+            return
+        hi, label = bad[0]
+        good = [s for s, r, _ in anchors if 0 < s < hi and lt.root(s) == r]
+        lo = max(good, default=0)
+        raise _Bad(
+            lo,
+            f"entries {lo}..{hi - 1} do not hash to the root signed in {label} (size {hi}): the ledger was rewritten, "
+            f"forked or replaced; the first altered entry is in that range",
+        )
+
+    def _verify_indexers(self, n: int, res: VerifyResult) -> None:
+        with self._write(commit=False) as conn:
+            self._ensure_indexers_loaded(conn)
+            m = schema.meta
+            names = [
+                k[len("indexer:") :]
+                for (k,) in conn.execute(select(m.c.key).where(m.c.key.like("indexer:%")))
+            ]
+            for name in sorted(names):
+                ix = _indexers.get(name)
+                assert ix is not None
+                _compare_rebuilt(conn, ix, lambda c, ix=ix: self._rebuild_indexer(c, ix, n))
+                res.indexers_checked.append(name)
+
+    def _ensure_indexers_loaded(self, conn: Connection) -> None:
+        m = schema.meta
+        for key, module in conn.execute(select(m.c.key, m.c.value).where(m.c.key.like("indexer:%"))).all():
+            name = key[len("indexer:") :]
+            if _indexers.get(name) is None:
+                try:
+                    importlib.import_module(module)
+                except ImportError as exc:
+                    raise _Bad(
+                        None, f"indexer {name!r} ({module}) cannot be imported to check it: {exc}"
+                    ) from exc
+                if _indexers.get(name) is None:
+                    raise _Bad(None, f"indexer {name!r}: importing {module} did not register it")
+
+
+# ------------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------------
+
+
+def _db_reason(exc: sa_exc.DBAPIError) -> str:
+    return str(exc.orig).strip().splitlines()[0] if exc.orig is not None else str(exc)
+
+
+def _read_chunk(
+    conn: Connection, kinds: set[str] | None, start: int, end: int, limit: int, with_payloads: bool
+) -> list[Entry]:
+    e, p = schema.entries, schema.payloads
+    q = select(e.c.seq, e.c.kind, e.c.v, e.c.ts, e.c.prev, e.c.leaf_hash, e.c.body).where(
+        e.c.seq >= start, e.c.seq < end
+    )
+    if kinds is not None:
+        q = q.where(e.c.kind.in_(sorted(kinds)))
+    rows = conn.execute(q.order_by(e.c.seq).limit(limit)).all()
+    if not rows:
+        return []
+    by_seq: dict[int, list[EncodedPayload]] = {}
+    if with_payloads:
+        pq = select(p.c.seq, p.c.name, p.c.dtype, p.c.shape, p.c.sha256, p.c.data)
+        if kinds is None:
+            pq = pq.where(p.c.seq >= rows[0][0], p.c.seq <= rows[-1][0])
+        else:
+            pq = pq.where(p.c.seq.in_([r[0] for r in rows]))
+        for seq, name, dtype, shape, psha, data in conn.execute(pq.order_by(p.c.seq, p.c.name)):
+            by_seq.setdefault(seq, []).append(EncodedPayload(name, dtype, shape, bytes(data), bytes(psha)))
+    return [
+        Entry(int(seq), kind, int(v), ts, bytes(prev), bytes(leaf), bytes(body), by_seq.get(seq, ()))
+        for seq, kind, v, ts, prev, leaf, body in rows
+    ]
+
+
+def _check_payload_shape(seq: int, name: str, dtype: str, shape: str, size: int) -> None:
+    """The stored byte count must fit dtype x shape, or reading the payload would fail."""
+    fits = False
+    if isinstance(shape, str) and isinstance(dtype, str):
+        try:
+            dims = [int(d) for d in shape.strip("[]").split(",") if d]
+            fits = math.prod(dims) * int(dtype[2:]) == size
+        except ValueError:
+            fits = False
+    if not fits:
+        raise _Bad(
+            seq,
+            f"entry {seq}: payload {name!r} has {size} bytes, which does not fit dtype {dtype!r} shape {shape!r}",
+        )
+
+
+def _check_body(seq: int, kind: str, body: bytes, origin: str, deep: bool) -> None:
+    from .canonical import canonical_json
+
+    try:
+        obj = decode_body(body)
+    except (ValueError, CanonicalError) as exc:
+        raise _Bad(seq, f"entry {seq}: body is not a JSON object ({exc})") from exc
+    if deep and canonical_json(obj) != body:
+        raise _Bad(seq, f"entry {seq}: body bytes are not in canonical (RFC 8785) form")
+    if seq == 0 and (kind != "ledger" or obj.get("origin") != origin):
+        raise _Bad(0, f"entry 0 is not the ledger entry for origin {origin!r}")
+
+
+def _signed_by(note_text: str, pubkey: Any) -> bool:
+    """True when the note carries a valid signature by ``pubkey`` (False if none by that key)."""
+    from . import note
+
+    try:
+        note.verify_checkpoint(note_text, pubkey)
+    except Exception:
+        return False
+    return True
+
+
+def _compare_rebuilt(conn: Connection, ix: _indexers.Indexer, rebuild: Any) -> None:
+    """Copy the indexer's tables aside, rebuild them from the entries, compare row by row (caller rolls back)."""
+    saved: dict[str, list[tuple[Any, ...]]] = {}
+    for t in ix.tables:
+        order = list(t.primary_key.columns) or list(t.columns)
+        saved[t.name] = [tuple(r) for r in conn.execute(select(*t.columns).order_by(*order))]
+        conn.execute(t.delete())
+    rebuild(conn)
+    rtol = float(getattr(ix, "float_rtol", 0.0))
+    atol = float(getattr(ix, "float_atol", 0.0))
+    for t in ix.tables:
+        order = list(t.primary_key.columns) or list(t.columns)
+        fresh = [tuple(r) for r in conn.execute(select(*t.columns).order_by(*order))]
+        old = saved[t.name]
+        for i in range(max(len(old), len(fresh))):
+            a = old[i] if i < len(old) else None
+            b = fresh[i] if i < len(fresh) else None
+            if a is None or b is None or not _rows_close(a, b, rtol, atol):
+                raise _Bad(
+                    None,
+                    f"indexer {ix.name!r} table {t.name!r}: stored row {a!r} but the entries give {b!r}",
+                )
+
+
+def _rows_close(a: tuple[Any, ...], b: tuple[Any, ...], rtol: float, atol: float) -> bool:
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b, strict=True):
+        if isinstance(x, float) and isinstance(y, float):
+            if not (
+                x == y or (math.isnan(x) and math.isnan(y)) or math.isclose(x, y, rel_tol=rtol, abs_tol=atol)
+            ):
+                return False
+        elif x != y:
+            return False
+    return True
