@@ -1,0 +1,137 @@
+"""Kernel table and the data a kernel sees.
+
+A *kernel* turns what the engine captured for one layer during one forward/backward pass (the inputs of
+each call and the gradient w.r.t. each call's outputs) into
+
+* ``norm_sq``: each sample's squared gradient norm over the layer's own trainable parameters, computed
+  from the raw backprops (the engine applies the loss-reduction scale), and
+* ``grads(scale)``: the layer's parameter gradients ``Σ_i scale_i · g_i`` where ``g_i`` is row ``i``'s
+  contribution. ``scale=None`` means all ones, i.e. exactly what plain autograd would accumulate.
+
+Kernels are hand-written (no maintained library computes per-layer norms *and* routed gradients without
+materialising every per-sample gradient) and registered per layer type, Opacus ``grad_sample/`` style:
+adding a layer type touches one file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+GradsFn = Callable[[Tensor | None], dict[str, Tensor]]
+
+
+@dataclass
+class Call:
+    """One call of a layer inside an armed forward pass.
+
+    ``args``/``kwargs`` are the call's inputs (kept by reference, never copied; autograd would keep the
+    layer input alive for its own weight gradient anyway). ``grad_outputs`` holds the gradient w.r.t. each
+    tapped (floating-point) output leaf: ``None`` when that output did not reach the loss. Only the
+    outputs' metadata is kept, so no extra activation stays alive.
+    """
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    out_spec: Any
+    n_leaves: int
+    tapped: list[int]
+    out_meta: list[tuple[torch.Size, torch.dtype, torch.device]]
+    grad_outputs: list[Tensor | None] = field(default_factory=list)
+    done: bool = False
+
+    @property
+    def input(self) -> Tensor:
+        x = self.args[0] if self.args else None
+        if not isinstance(x, Tensor):
+            raise TypeError("expected the layer's first positional argument to be a tensor")
+        return x
+
+    def grad(self, j: int = 0) -> Tensor:
+        """Gradient w.r.t. tapped output ``j`` (zeros if it did not reach the loss)."""
+        g = self.grad_outputs[j] if j < len(self.grad_outputs) else None
+        if g is None:
+            shape, dtype, device = self.out_meta[j]
+            return torch.zeros(shape, dtype=dtype, device=device)
+        return g
+
+    @property
+    def grad_output(self) -> Tensor:
+        return self.grad(0)
+
+
+@dataclass
+class LayerGrads:
+    """A kernel's answer for one layer and one pass: squared norms [b] and a deferred gradient maker."""
+
+    norm_sq: Tensor
+    grads: GradsFn
+
+
+Kernel = Callable[[nn.Module, list[Call], "Request"], LayerGrads]
+
+
+@dataclass(frozen=True)
+class Request:
+    """What the engine will do with a kernel's answer.
+
+    ``deferred=False``: ``grads(scale)`` is called once, right away, with ``scale`` (routing weights or
+    None), so a kernel that materialises per-sample gradients chunk by chunk may fold the weighted sum
+    into the same pass. ``deferred=True`` (per-sample clipping): the scale is known only after every layer's
+    norm, so ``grads`` must keep what it needs (activations and backprops) and be callable later.
+    """
+
+    scale: Tensor | None = None
+    deferred: bool = False
+
+
+# Budget (elements) for a chunk of materialised per-sample gradients; bounds a layer's extra memory.
+MATERIALISE_BUDGET = 1 << 21
+Validator = Callable[[str, nn.Module], None]
+
+KERNELS: dict[type[nn.Module], Kernel] = {}
+VALIDATORS: dict[type[nn.Module], Validator] = {}
+
+
+def register_kernel(*types: type[nn.Module], validate: Validator | None = None) -> Callable[[Kernel], Kernel]:
+    """Register ``fn`` as the exact kernel for modules whose type is exactly one of ``types``.
+
+    Subclasses are *not* matched: a subclass may override ``forward`` with other maths, so it goes to the
+    exact ``torch.func`` fallback instead. ``validate(name, module)`` may raise at engine construction for
+    configurations the kernel cannot handle exactly (e.g. ``Embedding(sparse=True)``).
+    """
+
+    def deco(fn: Kernel) -> Kernel:
+        for t in types:
+            KERNELS[t] = fn
+            if validate is not None:
+                VALIDATORS[t] = validate
+        return fn
+
+    return deco
+
+
+def trainable(module: nn.Module) -> dict[str, nn.Parameter]:
+    """The module's *own* (non-recursive) trainable parameters, by attribute name."""
+    return {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+
+
+def scaled_rows(t: Tensor, scale: Tensor | None) -> Tensor:
+    """``t`` with row ``i`` (dim 0) multiplied by ``scale[i]``; ``t`` itself when ``scale`` is None.
+
+    A zero weight gives exact zero rows, so a routed-out example adds exact zeros to every GEMM sum.
+    """
+    if scale is None:
+        return t
+    return t * scale.reshape((-1,) + (1,) * (t.dim() - 1)).to(t.dtype)
+
+
+def weighted_sum(per_sample: Tensor, scale: Tensor | None) -> Tensor:
+    """``Σ_i scale_i · per_sample[i]`` (plain sum over dim 0 when ``scale`` is None)."""
+    if scale is None:
+        return per_sample.sum(0)
+    return torch.tensordot(scale.to(per_sample.dtype), per_sample, dims=1)

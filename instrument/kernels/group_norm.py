@@ -1,0 +1,25 @@
+"""nn.GroupNorm: materialised per-sample gradients (B × 2C), from the recomputed normalised input."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .base import Call, LayerGrads, Request, register_kernel
+from .normalization import materialised
+
+
+@register_kernel(nn.GroupNorm)
+def group_norm_kernel(module: nn.Module, calls: list[Call], req: Request) -> LayerGrads:
+    assert isinstance(module, nn.GroupNorm)
+
+    def per_sample(call: Call) -> dict[str, Tensor]:
+        x, g = call.input, call.grad_output
+        b, c = x.shape[0], x.shape[1]
+        xg = x.reshape(b, module.num_groups, -1)
+        var, mean = torch.var_mean(xg, dim=2, keepdim=True, correction=0)
+        xhat = ((xg - mean) * torch.rsqrt(var + module.eps)).reshape(b, c, -1)
+        g3 = g.reshape(b, c, -1)
+        return {"weight": (g3 * xhat).sum(2), "bias": g3.sum(2)}
+
+    return materialised(module, calls, per_sample)

@@ -1,0 +1,120 @@
+"""nn.Linear: per-sample norms from activations and backprops, never B×P unless that is cheaper.
+
+For one sample with activations ``X_i`` [T, d_in] and backprops ``G_i`` [T, d_out] the weight gradient is
+``G_iᵀ X_i``. Its squared norm is either
+
+* the Gram ("ghost") form ``⟨X_i X_iᵀ, G_i G_iᵀ⟩``: ~T²(d_in+d_out) flops, T² memory per sample; for
+  T = 1 (2-D inputs) this is ``‖g_i‖²‖a_i‖²``, or
+* the materialised form ``‖G_iᵀ X_i‖²``: ~T·d_in·d_out flops, computed in bounded chunks of samples, whose
+  per-sample gradients then also give the (routed) layer gradient as a weighted sum, saving the GEMM.
+
+``linear_parts`` picks the cheaper per layer and per call shape. Several calls of one module in a
+forward (weight reuse) are concatenated along T, which makes the cross terms exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .base import MATERIALISE_BUDGET, Call, LayerGrads, Request, register_kernel, scaled_rows, trainable
+
+PartGrads = Callable[[Tensor | None], tuple[Tensor | None, Tensor | None]]
+
+
+def use_gram(t: int, d_in: int, d_out: int) -> bool:
+    """Cost model: Gram form ~T²(d_in+d_out) vs materialising ~T·d_in·d_out per sample."""
+    return t == 1 or t * t * (d_in + d_out) <= t * d_in * d_out
+
+
+def linear_parts(
+    x: Tensor, g: Tensor, want_weight: bool, want_bias: bool, req: Request
+) -> tuple[Tensor, PartGrads]:
+    """Squared per-sample norms and a gradient maker for ``y = x Wᵀ + b`` with x [b,T,d_in], g [b,T,d_out].
+
+    The maker returns ``(dW [d_out, d_in], db [d_out])`` (None for parts not wanted).
+    """
+    b, t, d_in = x.shape
+    d_out = g.shape[2]
+    norm_sq = torch.zeros(b, dtype=g.dtype, device=g.device)
+    if want_bias:
+        gb = g[:, 0, :] if t == 1 else g.sum(1)
+        norm_sq += gb.square().sum(1)
+    if not want_weight:
+
+        def bias_only(scale: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+            return None, scaled_rows(g, scale).reshape(-1, d_out).sum(0)
+
+        return norm_sq, bias_only
+
+    if use_gram(t, d_in, d_out):
+        if t == 1:
+            norm_sq += g[:, 0, :].square().sum(1) * x[:, 0, :].square().sum(1)
+        else:
+            gram_x = torch.bmm(x, x.transpose(1, 2))
+            gram_g = torch.bmm(g, g.transpose(1, 2))
+            norm_sq += (gram_x * gram_g).sum((1, 2))
+            del gram_x, gram_g
+
+        def gemm(scale: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+            # the same GEMM autograd runs for a Linear weight: (G₂)ᵀ X₂ over flattened rows
+            g2 = scaled_rows(g, scale).reshape(-1, d_out)
+            dw = g2.t().mm(x.reshape(-1, d_in))
+            return dw, (g2.sum(0) if want_bias else None)
+
+        return norm_sq, gemm
+
+    # materialise per-sample weight gradients, chunk by chunk, to bound memory
+    chunk = max(1, MATERIALISE_BUDGET // (d_in * d_out))
+    eager_scale = None if req.deferred else req.scale
+    dw_acc = None if req.deferred else torch.zeros(d_out, d_in, dtype=g.dtype, device=g.device)
+    for s in range(0, b, chunk):
+        ps = torch.bmm(g[s : s + chunk].transpose(1, 2), x[s : s + chunk])  # [c, d_out, d_in]
+        norm_sq[s : s + chunk] += ps.square().sum((1, 2))
+        if dw_acc is not None:
+            if eager_scale is None:
+                dw_acc += ps.sum(0)
+            else:
+                dw_acc += torch.tensordot(eager_scale[s : s + chunk].to(ps.dtype), ps, dims=1)
+        del ps
+
+    def from_parts(scale: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+        db = scaled_rows(g, scale).reshape(-1, d_out).sum(0) if want_bias else None
+        if dw_acc is not None and scale is eager_scale:
+            return dw_acc, db
+        g2 = scaled_rows(g, scale).reshape(-1, d_out)
+        return g2.t().mm(x.reshape(-1, d_in)), db
+
+    return norm_sq, from_parts
+
+
+def _as_seq(t: Tensor) -> Tensor:
+    """[b, *, d] → [b, T, d] (a view when possible)."""
+    if t.dim() < 2:
+        raise ValueError(
+            f"expected a batched input of shape [batch, ..., features], got shape {tuple(t.shape)}"
+        )
+    return t.reshape(t.shape[0], -1, t.shape[-1])
+
+
+@register_kernel(nn.Linear)
+def linear_kernel(module: nn.Module, calls: list[Call], req: Request) -> LayerGrads:
+    params = trainable(module)
+    xs = [_as_seq(c.input) for c in calls]
+    gs = [_as_seq(c.grad_output) for c in calls]
+    x = xs[0] if len(xs) == 1 else torch.cat(xs, 1)
+    g = gs[0] if len(gs) == 1 else torch.cat(gs, 1)
+    norm_sq, parts = linear_parts(x, g, "weight" in params, "bias" in params, req)
+
+    def grads(scale: Tensor | None) -> dict[str, Tensor]:
+        dw, db = parts(scale)
+        out: dict[str, Tensor] = {}
+        if dw is not None:
+            out["weight"] = dw
+        if db is not None:
+            out["bias"] = db
+        return out
+
+    return LayerGrads(norm_sq, grads)
