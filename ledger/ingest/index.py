@@ -1,0 +1,106 @@
+"""The ``ingest_refs`` indexer: (kind, source, id) → seq and record digest, kept in the append transaction.
+
+It answers the questions ingest asks per chunk without scanning the log: was this export (sha256) already
+ingested, is this label already recorded with the same content (re-ingest duplicate), which entry holds the
+suggestion a label was seeded from, and which ``annotation`` entry a manifest's label id means.
+``Ledger.verify(deep=True)`` rebuilds it from the entries and compares.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from sqlalchemy import BigInteger, Column, Connection, Index, Integer, MetaData, String, Table, Text, select
+
+from ledger import indexers
+
+_metadata = MetaData()
+_BigKey = BigInteger().with_variant(Integer(), "sqlite")
+
+refs = Table(
+    "ingest_refs",
+    _metadata,
+    Column("seq", _BigKey, primary_key=True, autoincrement=False),
+    Column("kind", String(16), nullable=False),  # export | annotation | suggestion
+    Column("source", String(64), nullable=False),
+    Column("ref", Text, nullable=False),  # export sha256 | label id | suggestion id
+    Column("digest", String(64), nullable=True),  # record_sha256 (annotation, suggestion)
+    Index("ix_ingest_refs_kind_ref", "kind", "ref", "source"),
+)
+
+IN_CHUNK = 500  # ids per IN (...) query: far below SQLite's and PostgreSQL's parameter limits
+
+
+class IngestIndex:
+    """Implements ``ledger.indexers.Indexer``."""
+
+    def __init__(self) -> None:
+        self.name = "ingest_refs"
+        self.kinds = frozenset({"export", "annotation", "suggestion"})
+        self.tables: Sequence[Table] = (refs,)
+        self.float_rtol = 0.0
+
+    def apply(self, conn: Connection, entries: Sequence[Any]) -> None:
+        rows = []
+        for e in entries:
+            b = e.body
+            if e.kind == "export":
+                rows.append(
+                    {
+                        "seq": e.seq,
+                        "kind": "export",
+                        "source": b["source"],
+                        "ref": b["sha256"],
+                        "digest": None,
+                    }
+                )
+            elif e.kind == "annotation":
+                rows.append(
+                    {
+                        "seq": e.seq,
+                        "kind": "annotation",
+                        "source": b["source"],
+                        "ref": b["label_id"],
+                        "digest": b.get("record_sha256"),
+                    }
+                )
+            elif e.kind == "suggestion" and "suggestion_id" in b:
+                rows.append(
+                    {
+                        "seq": e.seq,
+                        "kind": "suggestion",
+                        "source": b["source"],
+                        "ref": b["suggestion_id"],
+                        "digest": b.get("record_sha256"),
+                    }
+                )
+        if rows:
+            conn.execute(refs.insert(), rows)
+
+
+INDEX = indexers.register(IngestIndex())
+
+
+def lookup(
+    conn: Connection, kind: str, ids: Iterable[str], source: str | None = None
+) -> dict[tuple[str, str], tuple[int, str | None]]:
+    """{(source, id): (seq, digest)} of the latest entry of ``kind`` for each id (optionally one source)."""
+    out: dict[tuple[str, str], tuple[int, str | None]] = {}
+    uniq = sorted(set(ids))
+    for i in range(0, len(uniq), IN_CHUNK):
+        q = select(refs.c.source, refs.c.ref, refs.c.seq, refs.c.digest).where(
+            refs.c.kind == kind, refs.c.ref.in_(uniq[i : i + IN_CHUNK])
+        )
+        if source is not None:
+            q = q.where(refs.c.source == source)
+        for src, ref, seq, digest in conn.execute(q):
+            key = (src, ref)
+            if key not in out or out[key][0] < seq:
+                out[key] = (int(seq), digest)
+    return out
+
+
+def has_any(conn: Connection, kind: str, source: str) -> bool:
+    q = select(refs.c.seq).where(refs.c.kind == kind, refs.c.source == source).limit(1)
+    return conn.execute(q).first() is not None

@@ -1,0 +1,377 @@
+"""Ingest one export file into a ledger: stream, normalise, pseudonymise, link, append atomically.
+
+Atomicity with bounded memory: the whole ingest runs inside ONE ledger write transaction and appends in
+chunks (``chunk`` records at a time) as it streams, so memory holds one chunk, not the export. Any error
+(bad JSON at line N, a missing field, bad UTF-8, an oversized element, a file changed while reading) rolls
+the transaction back: the ledger is left exactly as it was. The cost is that the ledger's write lock is held
+for the duration of the ingest (other writers wait; SQLite's busy timeout is 120 s).
+
+Entry order per export: the ``annotation`` / ``suggestion`` entries in file order, then one ``export``
+entry that names the file (sha256, size, base name: never the directory) and carries the counts and the seq
+range of what it added.
+
+Re-ingest: an export whose sha256 is already in the ledger adds nothing (``already_ingested``); a record
+whose (source, label id) is already stored with the same ``record_sha256`` is counted as a duplicate and
+skipped, so overlapping exports of one project only add what changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from sqlalchemy import Connection
+
+from ledger.errors import CanonicalError
+from ledger.ingest import generic_format as generic
+from ledger.ingest import index as _index
+from ledger.ingest import labelbox_format, labelstudio_format
+from ledger.ingest.context import ParseContext
+from ledger.ingest.errors import FieldError, IngestError
+from ledger.ingest.pseudonym import Pseudonymizer, open_key
+from ledger.ingest.reader import DEFAULT_MAX_ITEM_BYTES, ExportReader
+from ledger.ingest.record import ANNOTATION_V, EXPORT_V, SUGGESTION_V, LabelRecord, Seed, SuggestionRecord
+from ledger.store import Ledger, NewEntry, _prepare
+
+SOURCES = ("labelbox", "labelstudio", "jsonl")
+DEFAULT_CHUNK = 2000
+
+
+@dataclass(frozen=True)
+class IngestSummary:
+    """What one ingest did. ``records``/``suggestions`` count entries appended by this call."""
+
+    path: str
+    name: str
+    source: str
+    format: str | None
+    sha256: str
+    size: int
+    records: int
+    suggestions: int
+    items: int
+    annotators: int
+    skipped: int
+    drafts: int
+    seeded: int
+    duplicates: int
+    already_ingested: bool
+    export_seq: int | None
+    first_seq: int | None
+    last_seq: int | None
+    pseudonym_key_id: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _file_sha256(path: str) -> tuple[str, int]:
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+            size += len(chunk)
+    return h.hexdigest(), size
+
+
+@contextmanager
+def _transaction(ledger: Ledger) -> Iterator[tuple[Connection, list[Any]]]:
+    """One write transaction that may append several chunks.
+
+    ``Ledger.append_many`` materialises its whole batch before taking the lock, which for a million-label
+    export means gigabytes. ``Ledger._write`` / ``_append_locked`` are the same primitives ``append_many``
+    uses (sequencer lock, frontier read, chained inserts, indexers); calling ``_append_locked`` once per
+    chunk inside one ``_write`` keeps a single atomic transaction with memory bounded by the chunk.
+    """
+    with ledger._write() as conn:
+        active = ledger._ensure_indexers_locked(conn)
+        yield conn, active
+
+
+def _ledger_file(ledger: Ledger) -> str | None:
+    loc = str(ledger.location)
+    return None if "://" in loc else loc
+
+
+class _Run:
+    """State of one ingest inside the transaction."""
+
+    def __init__(
+        self, source: str, path: str, ledger: Ledger, ctx: ParseContext, chunk: int, sha: str, size: int
+    ) -> None:
+        self.source = source
+        self.path = path
+        self.ledger = ledger
+        self.ctx = ctx
+        self.chunk = chunk
+        self.export_ref = {"sha256": sha, "size": size, "name": os.path.basename(path)}
+        self.fmt: str | None = None
+        self.pending: list[Any] = []
+        self.records = self.suggestions = self.skipped = self.drafts = self.seeded = self.duplicates = 0
+        self.items_counted = 0
+        self.item_set: set[str] | None = None
+        self.first_seq: int | None = None
+        self.last_seq: int | None = None
+        self.conn: Connection | None = None
+        self.active: list[Any] = []
+        self.next_seq = 0
+        self.labelbox_suggestions = False
+
+    # -- parsing ----------------------------------------------------------------------------------------
+    def parse(self, element: Any, line: int, index: int, array: bool) -> list[Any]:
+        item = index if array else None
+        try:
+            if self.source == "labelbox":
+                if self.fmt is None:
+                    self.fmt = labelbox_format.detect(element)
+                    if self.fmt != "labelbox.export_v2":
+                        self.item_set = set()
+                return labelbox_format.parse(self.fmt, element, line, self.ctx)
+            if self.source == "labelstudio":
+                self.fmt = labelstudio_format.FORMAT
+                return labelstudio_format.parse(element, line, self.ctx)
+            if self.fmt is None:
+                self.fmt = generic.FORMAT_JSONL
+                self.item_set = set()
+            return generic.parse(element, line, self.ctx, self.fmt)
+        except FieldError as exc:
+            raise IngestError(self.path, line, exc.field, exc.reason, item=item) from None
+
+    def add(self, recs: list[Any]) -> None:
+        if self.item_set is None:
+            self.items_counted += bool(recs)
+        else:
+            self.item_set.update(r.item_id or r.global_key for r in recs)
+        self.pending.extend(recs)
+        if len(self.pending) >= self.chunk:
+            self.flush()
+
+    # -- appending --------------------------------------------------------------------------------------
+    def flush(self) -> None:
+        recs, self.pending = self.pending, []
+        if not recs:
+            return
+        assert self.conn is not None
+        labels = [r for r in recs if isinstance(r, LabelRecord)]
+        suggs = [r for r in recs if isinstance(r, SuggestionRecord)]
+        known_labels = _index.lookup(self.conn, "annotation", [r.label_id for r in labels], self.source)
+        known_suggs = _index.lookup(self.conn, "suggestion", [s.suggestion_id for s in suggs], self.source)
+        seed_ids = [s.suggestion_id for r in labels for s in r.seeded_from if s.suggestion_id is not None]
+        seed_sources = None if self.source == "jsonl" else self.source
+        seeds = _index.lookup(self.conn, "suggestion", seed_ids, seed_sources) if seed_ids else {}
+        model_labels = (
+            _index.lookup(self.conn, "annotation", seed_ids, "jsonl")
+            if seed_ids and self.source == "jsonl"
+            else {}
+        )
+        mal: dict[tuple[str, str], tuple[int, str | None]] = {}
+        if self.labelbox_suggestions:
+            cands = [c for r in labels for c in r.seed_candidates]
+            mal = _index.lookup(self.conn, "suggestion", cands, "labelbox") if cands else {}
+        local_digest: dict[tuple[str, str], str] = {}
+        local_sugg_seq: dict[str, int] = {}
+        entries: list[NewEntry] = []
+        lines: list[int | None] = []
+        for r in recs:
+            seq = self.next_seq + len(entries)
+            if isinstance(r, SuggestionRecord):
+                body = self._body(r)
+                key = ("suggestion", r.suggestion_id)
+                prior = local_digest.get(key) or known_suggs.get((self.source, r.suggestion_id), (0, None))[1]
+                if prior == body["record_sha256"]:
+                    self.duplicates += 1
+                    known = known_suggs.get((self.source, r.suggestion_id))
+                    if known is not None:
+                        local_sugg_seq.setdefault(r.suggestion_id, known[0])
+                    continue
+                local_digest[key] = body["record_sha256"]
+                local_sugg_seq[r.suggestion_id] = seq
+                entries.append(NewEntry("suggestion", body, None, SUGGESTION_V))
+                lines.append(r.line)
+                self.suggestions += 1
+                continue
+            r.seeded_from = [self._resolve(s, local_sugg_seq, seeds, model_labels) for s in r.seeded_from]
+            for c in r.seed_candidates:
+                hit = mal.get(("labelbox", c))
+                if hit is not None:
+                    r.seeded_from.append(Seed(c, "mal", hit[0]))
+            body = self._body(r)
+            key = ("annotation", r.label_id)
+            prior = local_digest.get(key) or known_labels.get((self.source, r.label_id), (0, None))[1]
+            if prior == body["record_sha256"]:
+                self.duplicates += 1
+                continue
+            local_digest[key] = body["record_sha256"]
+            if r.producer_kind != "human":
+                local_sugg_seq[r.label_id] = (
+                    seq  # a model/program label can seed a later one (generic format)
+                )
+            entries.append(NewEntry("annotation", body, None, ANNOTATION_V))
+            lines.append(r.line)
+            self.records += 1
+            self.skipped += r.status == "skipped"
+            self.drafts += r.status == "draft"
+            self.seeded += bool(r.seeded_from)
+        self._append(entries, lines)
+
+    def _resolve(
+        self, s: Seed, local: dict[str, int], seeds: dict[Any, Any], model_labels: dict[Any, Any]
+    ) -> Seed:
+        if s.suggestion_id is None or s.seq is not None:
+            return s
+        seq = local.get(s.suggestion_id)
+        if seq is None:
+            hits = [v[0] for (src, ref), v in seeds.items() if ref == s.suggestion_id]
+            hits += [v[0] for (src, ref), v in model_labels.items() if ref == s.suggestion_id]
+            seq = max(hits) if hits else None
+        return Seed(s.suggestion_id, s.origin, seq)
+
+    def _body(self, r: LabelRecord | SuggestionRecord) -> dict[str, Any]:
+        try:
+            return r.body(self.export_ref)
+        except FieldError as exc:
+            raise IngestError(self.path, r.line, exc.field, exc.reason) from None
+
+    def _append(self, entries: list[NewEntry], lines: list[int | None]) -> None:
+        if not entries:
+            return
+        prepared = []
+        for e, line in zip(entries, lines, strict=True):
+            try:
+                prepared.append(_prepare(e))
+            except CanonicalError as exc:
+                raise IngestError(self.path, line, None, f"cannot encode the record: {exc}") from None
+        assert self.conn is not None
+        seqs = Ledger._append_locked(self.conn, prepared, self.active)
+        if seqs[0] != self.next_seq:  # pragma: no cover - the lock makes this impossible
+            raise RuntimeError(f"sequencer moved during ingest: expected seq {self.next_seq}, got {seqs[0]}")
+        self.first_seq = seqs[0] if self.first_seq is None else self.first_seq
+        self.last_seq = seqs[-1]
+        self.next_seq = seqs[-1] + 1
+
+
+def ingest(
+    source: str,
+    path: str | os.PathLike[str],
+    ledger: Ledger | str | os.PathLike[str],
+    *,
+    project: str | None = None,
+    pseudonym_key: str | os.PathLike[str] | Pseudonymizer | None = None,
+    identity_map: str | os.PathLike[str] | None = None,
+    max_item_bytes: int = DEFAULT_MAX_ITEM_BYTES,
+    checkpoint_seq: int | None = None,
+    model_version: str | None = None,
+    chunk: int = DEFAULT_CHUNK,
+    announce: Any = None,
+) -> IngestSummary:
+    """Ingest one export file (``source``: labelbox | labelstudio | jsonl). Raises IngestError, appends nothing
+    on any error. ``ledger`` may be an open Ledger or a path / URL (created if missing)."""
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {', '.join(SOURCES)}, got {source!r}")
+    if isinstance(ledger, Ledger):
+        return _ingest(source, os.fspath(path), ledger, project, pseudonym_key, identity_map, max_item_bytes,
+                       checkpoint_seq, model_version, chunk, announce)  # fmt: skip
+    with Ledger.open(os.fspath(ledger), create=True) as led:
+        return _ingest(source, os.fspath(path), led, project, pseudonym_key, identity_map, max_item_bytes,
+                       checkpoint_seq, model_version, chunk, announce)  # fmt: skip
+
+
+def _ingest(
+    source: str,
+    path: str,
+    ledger: Ledger,
+    project: str | None,
+    pseudonym_key: str | os.PathLike[str] | Pseudonymizer | None,
+    identity_map: str | os.PathLike[str] | None,
+    max_item_bytes: int,
+    checkpoint_seq: int | None,
+    model_version: str | None,
+    chunk: int,
+    announce: Any,
+) -> IngestSummary:
+    if not os.path.isfile(path):
+        raise IngestError(path, None, None, "no such file")
+    pseud = (
+        pseudonym_key
+        if isinstance(pseudonym_key, Pseudonymizer)
+        else open_key(pseudonym_key, _ledger_file(ledger), identity_map, announce=announce)
+    )
+    ctx = ParseContext(pseud, project=project, checkpoint_seq=checkpoint_seq, model_version=model_version)
+    sha, size = _file_sha256(path)
+    run = _Run(source, path, ledger, ctx, chunk, sha, size)
+    is_csv = source == "jsonl" and path.lower().endswith(".csv")
+    reader: Any = (
+        generic.CsvReader(path, max_item_bytes=max_item_bytes)
+        if is_csv
+        else ExportReader(path, max_item_bytes=max_item_bytes)
+    )
+    if is_csv:
+        run.fmt = generic.FORMAT_CSV
+        run.item_set = set()
+    with _transaction(ledger) as (conn, active):
+        seen = _index.lookup(conn, "export", [sha])
+        if seen:
+            (src, _), (seq, _) = next(iter(seen.items()))
+            prior = _export_body(conn, seq)
+            counts = prior.get("counts", {})
+            return IngestSummary(
+                path=path, name=os.path.basename(path), source=source, format=prior.get("format"), sha256=sha,
+                size=size, records=0, suggestions=0, items=0, annotators=0, skipped=0, drafts=0, seeded=0,
+                duplicates=int(counts.get("records", 0)) + int(counts.get("suggestions", 0)) + int(counts.get("duplicates", 0)),
+                already_ingested=True, export_seq=seq, first_seq=None, last_seq=None, pseudonym_key_id=pseud.key_id,
+            )  # fmt: skip
+        run.conn, run.active = conn, active
+        run.next_seq = Ledger._size(conn)
+        run.labelbox_suggestions = source == "labelbox" and _index.has_any(conn, "suggestion", "labelbox")
+        for line, idx, element in reader:
+            run.add(run.parse(element, line, idx, reader.mode == "array"))
+        run.flush()
+        if reader.sha256 != sha or reader.size != size:
+            raise IngestError(path, None, None, "the file changed while it was being ingested")
+        items = run.items_counted if run.item_set is None else len(run.item_set)
+        counts = {
+            "records": run.records,
+            "suggestions": run.suggestions,
+            "items": items,
+            "annotators": len(ctx.annotators),
+            "skipped": run.skipped,
+            "drafts": run.drafts,
+            "seeded": run.seeded,
+            "duplicates": run.duplicates,
+        }
+        export_body = {
+            "source": source,
+            "format": run.fmt,
+            **run.export_ref,
+            "project": project,
+            "counts": counts,
+            "first_seq": run.first_seq,
+            "last_seq": run.last_seq,
+            "pseudonym_key_id": pseud.key_id,
+        }
+        run._append([NewEntry("export", export_body, None, EXPORT_V)], [None])
+        export_seq = run.last_seq
+    pseud.flush_identity_map()
+    first = run.first_seq if run.records + run.suggestions else None
+    last = export_seq - 1 if first is not None and export_seq is not None else None
+    return IngestSummary(
+        path=path, name=os.path.basename(path), source=source, format=run.fmt, sha256=sha, size=size,
+        records=run.records, suggestions=run.suggestions, items=items, annotators=len(ctx.annotators),
+        skipped=run.skipped, drafts=run.drafts, seeded=run.seeded, duplicates=run.duplicates,
+        already_ingested=False, export_seq=export_seq, first_seq=first, last_seq=last, pseudonym_key_id=pseud.key_id,
+    )  # fmt: skip
+
+
+def _export_body(conn: Connection, seq: int) -> dict[str, Any]:
+    from sqlalchemy import select
+
+    from ledger import schema
+    from ledger.canonical import decode_body
+
+    raw = conn.execute(select(schema.entries.c.body).where(schema.entries.c.seq == seq)).scalar()
+    return decode_body(bytes(raw)) if raw is not None else {}
