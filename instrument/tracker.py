@@ -185,7 +185,7 @@ def _versions() -> dict[str, str]:
 
     return {
         "gradledger": ver("gradledger"),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
         "opacus": ver("opacus"),
         "numpy": np.__version__,
         "python": platform.python_version(),
@@ -275,13 +275,16 @@ class Tracker:
                 raise ValueError(f"attach: run {run!r} already exists in this ledger; pick a new run name")
 
         self.model, self.optimizer, self.ledger, self.run = model, optimizer, ledger, run
+        # layer names are relative to the wrapped module under (Distributed)DataParallel, as in the engine
+        wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+        self.base: nn.Module = model.module if isinstance(model, wrappers) else model
         self.labels, self.policy, self.criterion = labels, policy, criterion
         self.loss_reduction = loss_reduction
         self.track_updates = update_norms
         self.engine = GradNormEngine(model, loss_reduction=loss_reduction)
         self.layers: list[str] = list(self.engine.layer_names)
         self.layer_params: list[list[nn.Parameter]] = [
-            [p for p in model.get_submodule(n).parameters(recurse=False) if p.requires_grad]
+            [p for p in self.base.get_submodule(n).parameters(recurse=False) if p.requires_grad]
             for n in self.layers
         ]
         try:
@@ -313,10 +316,10 @@ class Tracker:
 
     # ----- run entry ------------------------------------------------------------------------------
     def _run_body(self, seed: int | None) -> dict[str, Any]:
-        pid_to_name = {id(p): n for n, p in self.model.named_parameters()}
+        pid_to_name = {id(p): n for n, p in self.base.named_parameters()}
         arch_layers = []
         for name in self.layers:
-            mod = self.model.get_submodule(name)
+            mod = self.base.get_submodule(name)
             arch_layers.append(
                 {
                     "name": name,
@@ -333,7 +336,7 @@ class Tracker:
         body: dict[str, Any] = {
             "run": self.run,
             "architecture": {
-                "root": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
+                "root": f"{type(self.base).__module__}.{type(self.base).__qualname__}",
                 "layers": arch_layers,
                 "trainable_parameters": sum(p.numel() for ps in self.layer_params for p in ps),
                 "dtype": str(self.layer_params[0][0].dtype).removeprefix("torch."),
@@ -450,7 +453,7 @@ class Tracker:
             "tag": str(tag),
             "step": self.step_index,
         }
-        body.update(model_digests(self.model, self.layers))
+        body.update(model_digests(self.base, self.layers))
         if self.mechanism is not None:
             eps = self.mechanism.eps
             if self.mechanism.eps_step != self.step_index - 1 and self.step_index > 0:
@@ -646,7 +649,7 @@ class Tracker:
 
 
 def _run_names(ledger: Any) -> list[str]:
-    return [e.body.get("run") for e in ledger.entries(kind="run")]
+    return [e.body.get("run") for e in ledger.entries(kind="run", payloads=False)]
 
 
 def attach(

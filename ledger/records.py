@@ -30,11 +30,8 @@ import numpy as np
 STEP_VERSION = 1
 
 
-def _payload(entry: Any, name: str) -> np.ndarray | None:
-    payloads = entry.payloads
-    if name not in payloads:
-        return None
-    return np.asarray(payloads[name])
+def _payload(payloads: dict[str, Any], name: str) -> np.ndarray | None:
+    return None if name not in payloads else np.asarray(payloads[name])
 
 
 def _floats(values: Any) -> np.ndarray:
@@ -70,8 +67,9 @@ class StepRecord:
         if entry.kind != "step":
             raise ValueError(f"entry {entry.seq} is a {entry.kind!r} entry, not a step")
         b = entry.body
-        norms = _payload(entry, "grad_norms")
-        weights = _payload(entry, "weights")
+        pl = entry.payloads  # decoded once per record
+        norms = _payload(pl, "grad_norms")
+        weights = _payload(pl, "weights")
         if norms is None or weights is None:
             raise ValueError(f"step entry {entry.seq} lacks its grad_norms / weights payloads")
         upd = b.get("update_norms")
@@ -87,13 +85,13 @@ class StepRecord:
             micro_batches=[int(x) for x in b.get("micro_batches", [len(b["example_ids"])])],
             grad_norms=norms,
             weights=weights,
-            losses=_payload(entry, "losses"),
-            margins=_payload(entry, "margins"),
+            losses=_payload(pl, "losses"),
+            margins=_payload(pl, "margins"),
             lr=_floats(b["lr"]),
             update_norms=None if upd is None else _floats(upd),
-            clip_factors=_payload(entry, "clip"),
+            clip_factors=_payload(pl, "clip"),
             policy_seq=b.get("policy_seq"),
-            rule_ids=_payload(entry, "rules"),
+            rule_ids=_payload(pl, "rules"),
             eps=None if not dp else dp.get("eps"),
             flags={k: list(v) for k, v in (b.get("flags") or {}).items()},
         )

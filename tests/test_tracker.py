@@ -1,0 +1,355 @@
+"""End-to-end tracker tests on a small float64 MLP with a real SQLite ledger.
+
+Every recorded number is compared with an independent computation: per-sample per-layer gradient norms with
+``torch.func`` (vmap of grad of functional_call), losses and margins recomputed from the logits, update norms
+from parameter snapshots taken by the test, digests from raw little-endian bytes.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import rfc8785
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+import instrument
+from instrument.tracker import attach
+from ledger.records import checkpoints, iter_steps, run_record
+from ledger.store import Ledger
+
+torch.set_num_threads(1)
+LAYERS = ["0", "2", "4"]
+
+
+def make_model(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+
+
+def data(n: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
+
+
+def oracle_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+    """[B, L] norms of each sample's own-loss gradient, per layer, via torch.func."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss_one(p: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        out = functional_call(model, p, (xi.unsqueeze(0),))
+        return nn.functional.cross_entropy(out, yi.unsqueeze(0))
+
+    g = vmap(grad(loss_one), in_dims=(None, 0, 0))(params, x, y)
+    cols = []
+    for layer in LAYERS:
+        sq = sum(g[k].flatten(1).pow(2).sum(1) for k in g if k.rsplit(".", 1)[0] == layer)
+        cols.append(torch.as_tensor(sq).sqrt())
+    return torch.stack(cols, 1).numpy()
+
+
+def oracle_loss_margin(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    with torch.no_grad():
+        logits = model(x)
+    losses = -torch.log_softmax(logits, 1)[torch.arange(len(y)), y]
+    margins = []
+    for row, label in zip(logits, y, strict=True):
+        other = max(float(v) for j, v in enumerate(row) if j != int(label))
+        margins.append(float(row[label]) - other)
+    return losses.numpy(), np.array(margins)
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+def update_norms(before: dict[str, torch.Tensor], model: nn.Module) -> np.ndarray:
+    after = {k: v.detach() for k, v in model.named_parameters()}
+    return np.array(
+        [
+            math.sqrt(
+                sum(
+                    float((after[k] - before[k]).pow(2).sum()) for k in before if k.rsplit(".", 1)[0] == layer
+                )
+            )
+            for layer in LAYERS
+        ]
+    )
+
+
+@pytest.fixture
+def led(tmp_path: Path) -> Any:
+    ledger = Ledger.open(tmp_path / "l.db", create=True)
+    yield ledger
+    ledger.close()
+
+
+def make_opt(model: nn.Module) -> torch.optim.Optimizer:
+    head = list(model[4].parameters())
+    body = [p for n, p in model.named_parameters() if not n.startswith("4.")]
+    return torch.optim.SGD([{"params": body}, {"params": head, "lr": 0.05}], lr=0.1, momentum=0.9)
+
+
+def test_steps_match_independent_oracles(led: Any) -> None:
+    model = make_model()
+    opt = make_opt(model)
+    crit = nn.CrossEntropyLoss()
+    tr = attach(model, opt, ledger=led, run="exp-1", criterion=crit, seed=7)
+    x, y = data(24)
+    expect = []
+    for step in range(3):
+        xb, yb = x[8 * step : 8 * step + 8], y[8 * step : 8 * step + 8]
+        ids = [f"ex{8 * step + i}" for i in range(8)]
+        norms = oracle_norms(model, xb, yb)
+        losses, margins = oracle_loss_margin(model, xb, yb)
+        before = snapshot(model)
+        tr.epoch(step // 2)
+        with tr.batch(ids):
+            loss = crit(model(xb), yb)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        expect.append((ids, norms, losses, margins, update_norms(before, model), step // 2))
+    records = list(led.steps("exp-1"))
+    assert [r.step for r in records] == [0, 1, 2]
+    for rec, (ids, norms, losses, margins, upd, epoch) in zip(records, expect, strict=True):
+        assert rec.run == "exp-1" and rec.example_ids == ids and rec.layers == LAYERS and rec.epoch == epoch
+        assert rec.grad_norms.dtype == np.float32 and rec.grad_norms.shape == (8, 3)
+        np.testing.assert_allclose(rec.grad_norms, norms, rtol=1e-6)
+        np.testing.assert_array_equal(rec.weights, np.ones((8, 3), np.float32))
+        np.testing.assert_allclose(rec.losses, losses, rtol=1e-6)
+        np.testing.assert_allclose(rec.margins, margins, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(rec.update_norms, upd, rtol=1e-12)
+        np.testing.assert_array_equal(rec.lr, [0.1, 0.1, 0.05])
+        assert rec.micro_batches == [8] and rec.rule_ids is None and rec.policy_seq is None
+        assert rec.clip_factors is None and rec.eps is None and rec.flags == {}
+    assert records[0].run_seq == run_record(led, "exp-1").seq
+    tr.close()
+    assert led.verify().ok
+
+
+def test_run_entry_records_architecture_optimizer_and_versions(led: Any) -> None:
+    model = make_model()
+    opt = make_opt(model)
+    tr = attach(
+        model,
+        opt,
+        ledger=led,
+        run="r",
+        loss_reduction="sum",
+        criterion=nn.CrossEntropyLoss(reduction="sum"),
+        seed=3,
+    )
+    rec = run_record(led, "r")
+    assert (
+        rec.layers == LAYERS
+        and rec.seed == 3
+        and rec.loss_reduction == "sum"
+        and rec.criterion == "CrossEntropyLoss"
+    )
+    first = rec.architecture["layers"][0]
+    assert first == {
+        "name": "0",
+        "type": "torch.nn.modules.linear.Linear",
+        "params": {"weight": [8, 6], "bias": [8]},
+    }
+    assert rec.architecture["trainable_parameters"] == sum(p.numel() for p in model.parameters())
+    assert rec.optimizer["class"] == "torch.optim.sgd.SGD"
+    groups = rec.optimizer["param_groups"]
+    assert groups[1]["hyper"]["lr"] == 0.05 and groups[0]["hyper"]["momentum"] == 0.9
+    assert groups[1]["params"] == ["4.weight", "4.bias"]
+    assert set(rec.versions) == {"gradledger", "torch", "opacus", "numpy", "python"}
+    assert rec.versions["torch"] == torch.__version__
+    assert rec.policy_seq is None and rec.manifest_seq is None and rec.dp is None
+    with pytest.raises(ValueError, match="run 'r' already exists"):
+        attach(make_model(), make_opt(make_model()), ledger=led, run="r")
+    tr.close()
+
+
+def test_gradient_accumulation_makes_one_step_entry(led: Any) -> None:
+    model = make_model()
+    ref = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    crit = nn.CrossEntropyLoss()
+    tr = attach(model, opt, ledger=led, run="acc", criterion=crit)
+    x, y = data(10)
+    parts = [(0, 4), (4, 10)]
+    norms = np.concatenate([oracle_norms(model, x[a:b], y[a:b]) for a, b in parts])
+    losses = np.concatenate([oracle_loss_margin(model, x[a:b], y[a:b])[0] for a, b in parts])
+    before = snapshot(model)
+    for k, (a, b) in enumerate(parts):
+        with tr.batch([f"e{i}" for i in range(a, b)]):
+            crit(model(x[a:b]), y[a:b]).backward()
+            if k == len(parts) - 1:
+                opt.step()  # the step inside the last context closes the accumulated step
+                opt.zero_grad()
+    # reference: plain autograd over the same micro-batches
+    for a, b in parts:
+        crit(ref(x[a:b]), y[a:b]).backward()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p -= 0.1 * p.grad
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+    # a second accumulated step, with optimizer.step() after the contexts
+    for a, b in parts:
+        with tr.batch([f"f{i}" for i in range(a, b)], epoch=1):
+            crit(model(x[a:b]), y[a:b]).backward()
+    opt.step()
+    opt.zero_grad()
+    recs = list(iter_steps(led, "acc"))
+    assert len(recs) == 2 and [r.micro_batches for r in recs] == [[4, 6], [4, 6]]
+    assert recs[0].example_ids == [f"e{i}" for i in range(10)] and recs[1].epoch == 1
+    np.testing.assert_allclose(recs[0].grad_norms, norms, rtol=1e-6)
+    np.testing.assert_allclose(recs[0].losses, losses, rtol=1e-6)
+    np.testing.assert_allclose(recs[0].update_norms, update_norms(before, ref), rtol=1e-10)
+    tr.close()
+
+
+def _hook_count(model: nn.Module, opt: torch.optim.Optimizer, crit: nn.Module) -> int:
+    n = len(opt._optimizer_step_pre_hooks) + len(opt._optimizer_step_post_hooks)  # type: ignore[attr-defined]
+    for m in [*model.modules(), crit]:
+        n += len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+    n += sum(len(p._backward_hooks or {}) for p in model.parameters())  # type: ignore[attr-defined]
+    return n
+
+
+def test_pause_costs_nothing_and_resume_continues(led: Any) -> None:
+    model = make_model()
+    ref = copy.deepcopy(model)
+    crit = nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    assert _hook_count(model, opt, crit) == 0
+    tr = attach(model, opt, ledger=led, run="p", criterion=crit)
+    assert _hook_count(model, opt, crit) > 0
+    x, y = data(8)
+    with tr.batch(list("abcdefgh")):
+        crit(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    crit(ref(x), y).backward()
+    ref_opt.step()
+    ref_opt.zero_grad()
+    tr.pause()
+    assert _hook_count(model, opt, crit) == 0  # nothing left to run
+    size = led.size
+    x2, y2 = data(8, seed=5)
+    with tr.batch(list("abcdefgh")):  # a no-op context while paused
+        crit(model(x2), y2).backward()
+        crit(ref(x2), y2).backward()
+        for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+            assert torch.equal(p.grad, q.grad)  # bit-identical to plain PyTorch
+        opt.step()
+        ref_opt.step()
+        opt.zero_grad()
+        ref_opt.zero_grad()
+    assert led.size == size
+    tr.resume()
+    with tr.batch(list("ijklmnop")):
+        crit(model(x2), y2).backward()
+        opt.step()
+        opt.zero_grad()
+    assert [r.step for r in led.steps("p")] == [0, 1]
+    tr.close()
+    assert _hook_count(model, opt, crit) == 0
+
+
+def _independent_descriptor(t: torch.Tensor) -> dict[str, Any]:
+    arr = t.detach().numpy()
+    raw = arr.astype(arr.dtype.newbyteorder("<")).tobytes(order="C")
+    return {"dtype": "float64", "shape": list(arr.shape), "sha256": hashlib.sha256(raw).hexdigest()}
+
+
+def test_checkpoint_digests_are_stable_and_recomputable(led: Any) -> None:
+    model = make_model()
+    crit = nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tr = attach(model, opt, ledger=led, run="c", criterion=crit)
+    s1, s2 = tr.checkpoint("start"), tr.checkpoint("again")
+    c1, c2 = (r for r in checkpoints(led, "c") if r.seq in (s1, s2))
+    assert c1.state_dict_sha256 == c2.state_dict_sha256 and c1.layer_sha256 == c2.layer_sha256
+    assert c1.tag == "start" and c1.step == 0
+    for layer in LAYERS:
+        mod = model.get_submodule(layer)
+        params = {n: _independent_descriptor(p) for n, p in mod.named_parameters()}
+        assert c1.body["layers"][layer]["params"] == params
+        assert c1.layer_sha256[layer] == hashlib.sha256(rfc8785.dumps(params)).hexdigest()
+    sd = {k: _independent_descriptor(v) for k, v in model.state_dict().items()}
+    assert c1.tensors == sd and c1.state_dict_sha256 == hashlib.sha256(rfc8785.dumps(sd)).hexdigest()
+    x, y = data(4)
+    with tr.batch(["a", "b", "c", "d"]):
+        crit(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    final = tr.close()
+    last = checkpoints(led, "c")[-1]
+    assert last.seq == final and last.tag == "final" and last.step == 1
+    assert last.state_dict_sha256 != c1.state_dict_sha256
+    assert all(last.layer_sha256[k] != c1.layer_sha256[k] for k in LAYERS)
+    with pytest.raises(RuntimeError, match="is closed"), tr.batch(["a"]):
+        pass
+
+
+def test_mismatched_ids_and_batch_is_a_clear_error(led: Any) -> None:
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tr = attach(model, opt, ledger=led, run="bad", criterion=nn.CrossEntropyLoss())
+    x, y = data(4)
+    size = led.size
+    msg = "tracker.batch got 3 example ids but the model input batch has 4 rows"
+    with pytest.raises(ValueError, match=msg), tr.batch(["a", "b", "c"]):
+        model(x)
+    assert led.size == size
+    with tr.batch(["a", "b", "c", "d"]):  # the tracker is usable afterwards
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    assert [len(r.example_ids) for r in led.steps("bad")] == [4]
+    tr.close()
+
+
+def test_nan_loss_is_recorded_and_flagged_not_crashed(led: Any) -> None:
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    crit = nn.CrossEntropyLoss()
+    tr = attach(model, opt, ledger=led, run="nan", criterion=crit)
+    x, y = data(4)
+    x[2, 0] = float("nan")
+    with tr.batch(["a", "b", "c", "d"]):
+        crit(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    (rec,) = led.steps("nan")
+    assert (
+        rec.flags["nan_loss"] == [2]
+        and math.isnan(rec.losses[2])
+        and np.isfinite(rec.losses[[0, 1, 3]]).all()
+    )
+    assert 2 in rec.flags["nonfinite_grad_norm"]
+    assert led.verify().ok
+    tr.close()
+
+
+def test_attach_refuses_unsupported_or_inconsistent_criteria(led: Any) -> None:
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match="criterion KLDivLoss is not supported"):
+        attach(model, opt, ledger=led, run="x", criterion=nn.KLDivLoss())
+    with pytest.raises(ValueError, match="reduction='sum' but loss_reduction='mean'"):
+        attach(model, opt, ledger=led, run="x", criterion=nn.CrossEntropyLoss(reduction="sum"))
+    with pytest.raises(ValueError, match="routing policy needs labels"):
+        attach(model, opt, ledger=led, run="x", policy=object())  # type: ignore[arg-type]
+    assert led.size == 1  # nothing appended by refused attaches
+
+
+def test_public_exports() -> None:
+    assert instrument.attach is attach
+    assert {"Tracker", "Policy", "DPConfig"} <= set(dir(instrument))
