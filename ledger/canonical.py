@@ -61,65 +61,100 @@ def _float_marker(x: float) -> dict[str, str]:
     return {"$float": "Infinity" if x > 0 else "-Infinity"}
 
 
-def _prep(x: Any, path: str, fast: list[bool]) -> Any:
-    """Return a JSON-ready copy of ``x`` (markers for NaN/Inf); clear ``fast[0]`` if json != rfc8785."""
-    t = type(x)
-    if t is str or t is bool or x is None:
-        return x
-    if t is int:
-        if -MAX_SAFE_INT <= x <= MAX_SAFE_INT:
-            return x
-        raise CanonicalError(
-            f"{path}: integer {x} is outside the JSON safe range |n| <= 2**53-1; store it as a string"
-        )
-    if t is float:
+_NONE = type(None)
+_PLAIN = frozenset({str, bool, _NONE})  # scalars the C json encoder writes exactly as RFC 8785 does
+
+
+class _Walk:
+    """State of one canonicalisation walk: ``fast`` stays True while json.dumps output == RFC 8785 output."""
+
+    __slots__ = ("fast", "root")
+
+    def __init__(self, root: str) -> None:
+        self.fast = True
+        self.root = root
+
+    def path(self, parts: tuple[object, ...]) -> str:
+        return self.root + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts)
+
+    def number(self, x: Any, parts: tuple[object, ...]) -> Any:
+        if type(x) is int:
+            if -MAX_SAFE_INT <= x <= MAX_SAFE_INT:
+                return x
+            raise CanonicalError(
+                f"{self.path(parts)}: integer {x} is outside the JSON safe range |n| <= 2**53-1; store it as a string"
+            )
         if math.isnan(x) or math.isinf(x):
             return _float_marker(x)
         ax = abs(x)
         if x.is_integer():
             if ax <= MAX_SAFE_INT:
                 return int(x)
-            fast[0] = False
-            return x
-        if not (1e-4 <= ax < 1e16):
-            fast[0] = False
+            self.fast = False
+        elif not (1e-4 <= ax < 1e16):
+            self.fast = False
         return x
-    if t is dict or isinstance(x, Mapping):
-        out: dict[str, Any] = {}
-        for k, v in x.items():
-            if type(k) is not str:
-                raise CanonicalError(f"{path}: object key {k!r} is not a string")
-            if k.startswith("$"):
-                raise CanonicalError(f"{path}: object key {k!r} starts with '$', which is reserved")
-            if not k.isascii():
-                fast[0] = False
-            out[k] = _prep(v, f"{path}.{k}", fast)
-        return out
-    if t is list or t is tuple:
-        if all(type(e) is str for e in x):
-            return list(x)
-        return [_prep(e, f"{path}[{i}]", fast) for i, e in enumerate(x)]
-    if isinstance(x, np.generic):
-        if isinstance(x, np.bool_):
+
+    def value(self, x: Any, parts: tuple[object, ...]) -> Any:
+        """A JSON-ready version of ``x``; the same object when nothing needs to change."""
+        t = type(x)
+        if t in _PLAIN:
+            return x
+        if t is int or t is float:
+            return self.number(x, parts)
+        if t is list or t is tuple:
+            types = set(map(type, x))
+            if types <= _PLAIN:
+                return x
+            if types <= {int, str, bool, _NONE} and all(
+                -MAX_SAFE_INT <= e <= MAX_SAFE_INT for e in x if type(e) is int
+            ):
+                return x
+            if types == {float} and all(1e-4 <= abs(e) < 1e16 and not e.is_integer() for e in x):
+                return x
+            out = [self.value(e, (*parts, i)) for i, e in enumerate(x)]
+            return out
+        if t is dict or isinstance(x, Mapping):
+            changed = t is not dict
+            out_d: dict[str, Any] = {}
+            for k, v in x.items():
+                if type(k) is not str:
+                    raise CanonicalError(f"{self.path(parts)}: object key {k!r} is not a string")
+                if k[:1] == "$":
+                    raise CanonicalError(
+                        f"{self.path(parts)}: object key {k!r} starts with '$', which is reserved"
+                    )
+                if not k.isascii():
+                    self.fast = False
+                v2 = self.value(v, (*parts, k))
+                changed = changed or v2 is not v
+                out_d[k] = v2
+            return out_d if changed else x
+        if isinstance(x, np.generic):
+            if isinstance(x, np.bool_):
+                return bool(x)
+            if isinstance(x, np.integer):
+                return self.number(int(x), parts)
+            if isinstance(x, np.floating):
+                return self.number(float(x), parts)
+        if isinstance(x, bool):
             return bool(x)
-        if isinstance(x, np.integer):
-            return _prep(int(x), path, fast)
-        if isinstance(x, np.floating):
-            return _prep(float(x), path, fast)
-    if isinstance(x, float):  # float subclasses
-        return _prep(float(x), path, fast)
-    if isinstance(x, int) and not isinstance(x, bool):
-        return _prep(int(x), path, fast)
-    if isinstance(x, np.ndarray):
-        raise CanonicalError(f"{path}: numpy arrays belong in payloads, not in the JSON body")
-    raise CanonicalError(f"{path}: unsupported type {type(x).__name__} in an entry body")
+        if isinstance(x, int):
+            return self.number(int(x), parts)
+        if isinstance(x, float):
+            return self.number(float(x), parts)
+        if isinstance(x, str):
+            return str(x)
+        if isinstance(x, np.ndarray):
+            raise CanonicalError(f"{self.path(parts)}: numpy arrays belong in payloads, not in the JSON body")
+        raise CanonicalError(f"{self.path(parts)}: unsupported type {type(x).__name__} in an entry body")
 
 
 def canonical_json(value: Any, path: str = "body") -> bytes:
     """RFC 8785 bytes of ``value`` with the NaN/Inf extension (see module docstring)."""
-    fast = [True]
-    prepared = _prep(value, path, fast)
-    if fast[0]:
+    walk = _Walk(path)
+    prepared = walk.value(value, ())
+    if walk.fast:
         try:
             return json.dumps(
                 prepared, ensure_ascii=False, separators=(",", ":"), sort_keys=True, allow_nan=False
@@ -216,6 +251,9 @@ def payload_array(dtype: str, shape: str, data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype=np.dtype(dtype)).reshape(dims)
 
 
+_CHECKED_DESCRIPTORS: set[tuple[str, str, str]] = set()  # (name, dtype, shape) already pattern-checked
+
+
 def descriptors_json(items: list[tuple[str, str, str, bytes, int]]) -> bytes:
     """Canonical bytes of ``{name: descriptor}`` from ``(name, dtype, shape_json, sha256, size)`` tuples.
 
@@ -225,15 +263,22 @@ def descriptors_json(items: list[tuple[str, str, str, bytes, int]]) -> bytes:
     if not items:
         return b"{}"
     parts = []
-    for name, dtype, shape, sha, size in sorted(items):
-        if (
-            not PAYLOAD_NAME_RE.fullmatch(name)
-            or not DTYPE_RE.fullmatch(dtype)
-            or not SHAPE_RE.fullmatch(shape)
-        ):
-            raise CanonicalError(
-                f"payload {name!r}: malformed descriptor columns (dtype {dtype!r}, shape {shape!r})"
-            )
+    for name, dtype, shape, sha, size in sorted(items) if len(items) > 1 else items:
+        key = (name, dtype, shape)
+        if key not in _CHECKED_DESCRIPTORS:
+            if not (
+                isinstance(name, str)
+                and isinstance(dtype, str)
+                and isinstance(shape, str)
+                and PAYLOAD_NAME_RE.fullmatch(name)
+                and DTYPE_RE.fullmatch(dtype)
+                and SHAPE_RE.fullmatch(shape)
+            ):
+                raise CanonicalError(
+                    f"payload {name!r}: malformed descriptor columns (dtype {dtype!r}, shape {shape!r})"
+                )
+            if len(_CHECKED_DESCRIPTORS) < 4096:
+                _CHECKED_DESCRIPTORS.add(key)
         parts.append(f'"{name}":{{"dtype":"{dtype}","sha256":"{sha.hex()}","shape":{shape},"size":{size}}}')
     return ("{" + ",".join(parts) + "}").encode("ascii")
 

@@ -19,12 +19,14 @@ import base64
 import hashlib
 import importlib
 import math
+import queue
 import sqlite3
+import threading
 import time
 import urllib.parse
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -63,6 +65,7 @@ from .schema import node_key
 from .tree import LevelTree, StoredTree, extend, node_rows
 
 FORMAT = 1
+SQLITE_MMAP_BYTES = 1 << 30  # memory-mapped reads: verify streams blobs without read() copies
 READ_CHUNK = 256
 VERIFY_CHUNK = 512
 _LEAF = b"\x00"  # RFC 9162 leaf prefix (also in ledger.merkle.leaf_hash); inlined on the hot paths
@@ -321,8 +324,12 @@ def _sqlite_engine(path: Path, create: bool) -> Engine:
         # isolation_level=None: the driver never opens transactions itself; the "begin" hook below does.
         con = sqlite3.connect(uri, uri=True, timeout=120, isolation_level=None, check_same_thread=False)
         if create:
+            # 64 KiB pages keep a step's payload on one page instead of a chain of 4 KiB overflow pages
+            # (about 2x faster verify reads); no-op on a database that already has content.
+            con.execute("PRAGMA page_size=65536")
             con.execute("PRAGMA journal_mode=WAL")
         con.execute("PRAGMA synchronous=FULL")
+        con.execute(f"PRAGMA mmap_size={SQLITE_MMAP_BYTES}")
         return con
 
     engine = create_engine("sqlite://", creator=connect, poolclass=QueuePool, pool_size=2, max_overflow=8)
@@ -788,27 +795,16 @@ class Ledger:
         return res
 
     def _verify_entries(self, conn: Connection, n: int, res: VerifyResult, deep: bool) -> bytearray:
-        e, p = schema.entries, schema.payloads
+        p = schema.payloads
         sha = hashlib.sha256
         leaves = bytearray()
         prev = ZERO_HASH
         expect = 0
-        ecols = (e.c.seq, e.c.kind, e.c.v, e.c.ts, e.c.prev, e.c.body, e.c.leaf_hash)
-        pcols = (p.c.seq, p.c.name, p.c.dtype, p.c.shape, p.c.sha256, p.c.data)
         nbytes = npay = 0
         try:
-            while expect < n:
-                rows = conn.execute(
-                    select(*ecols).where(e.c.seq >= expect, e.c.seq < n).order_by(e.c.seq).limit(VERIFY_CHUNK)
-                ).all()
+            for rows, prows in _prefetch(_verify_chunks(conn, n)):
                 if not rows:
-                    raise _Bad(
-                        expect, f"entry {expect} is missing (no stored entries from {expect} to {n - 1})"
-                    )
-                last = rows[-1][0]
-                prows = conn.execute(
-                    select(*pcols).where(p.c.seq >= expect, p.c.seq <= last).order_by(p.c.seq, p.c.name)
-                ).all()
+                    continue
                 pi, np_ = 0, len(prows)
                 for seq, kind, v, ts, prev_s, body, leaf_s in rows:
                     if seq != expect:
@@ -858,6 +854,8 @@ class Ledger:
                     raise _Bad(
                         prows[pi][0], f"payload {prows[pi][1]!r} belongs to a missing entry {prows[pi][0]}"
                     )
+            if expect < n:
+                raise _Bad(expect, f"entry {expect} is missing (no stored entries from {expect} to {n - 1})")
             orphan = conn.execute(select(func.min(p.c.seq)).where(p.c.seq >= n)).scalar()
             if orphan is not None:
                 raise _Bad(
@@ -1006,6 +1004,58 @@ class Ledger:
 
 def _db_reason(exc: sa_exc.DBAPIError) -> str:
     return str(exc.orig).strip().splitlines()[0] if exc.orig is not None else str(exc)
+
+
+def _verify_chunks(conn: Connection, n: int) -> Iterator[tuple[list[Any], list[Any]]]:
+    """Entry rows and payload rows for consecutive seq ranges ``[lo, lo + VERIFY_CHUNK)`` below ``n``."""
+    e, p = schema.entries, schema.payloads
+    ecols = (e.c.seq, e.c.kind, e.c.v, e.c.ts, e.c.prev, e.c.body, e.c.leaf_hash)
+    pcols = (p.c.seq, p.c.name, p.c.dtype, p.c.shape, p.c.sha256, p.c.data)
+    for lo in range(0, n, VERIFY_CHUNK):
+        hi = min(lo + VERIFY_CHUNK, n)
+        rows = conn.execute(select(*ecols).where(e.c.seq >= lo, e.c.seq < hi).order_by(e.c.seq)).all()
+        prows = conn.execute(
+            select(*pcols).where(p.c.seq >= lo, p.c.seq < hi).order_by(p.c.seq, p.c.name)
+        ).all()
+        yield rows, prows
+
+
+def _prefetch(chunks: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+    """Run a chunk generator in a reader thread, ``depth`` chunks ahead of the consumer.
+
+    The database driver releases the GIL while it reads pages and hashlib releases it while hashing large
+    buffers, so reading chunk i+1 overlaps hashing chunk i. Only the reader thread touches the connection
+    until the generator is exhausted or the consumer stops (then the reader is drained before returning).
+    """
+    q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def run() -> None:
+        try:
+            for item in chunks:
+                if stop.is_set():
+                    return
+                q.put(("item", item))
+            q.put(("end", None))
+        except BaseException as exc:  # handed to the consumer
+            q.put(("error", exc))
+
+    reader = threading.Thread(target=run, name="gradledger-verify-reader", daemon=True)
+    reader.start()
+    try:
+        while True:
+            tag, item = q.get()
+            if tag == "end":
+                return
+            if tag == "error":
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while reader.is_alive():
+            with suppress(queue.Empty):
+                q.get(timeout=0.05)
+        reader.join()
 
 
 def _read_chunk(
