@@ -169,10 +169,14 @@ class _Run:
             if seed_ids and self.source == "jsonl"
             else {}
         )
-        mal: dict[tuple[str, str], tuple[int, str | None]] = {}
+        mal: dict[str, int] = {}  # MAL uuid (ingested from Labelbox or recorded by gradledger) -> seq
         if self.labelbox_suggestions:
             cands = [c for r in labels for c in r.seed_candidates]
-            mal = _index.lookup(self.conn, "suggestion", cands, "labelbox") if cands else {}
+            for (src, ref), (sseq, _) in (
+                _index.lookup(self.conn, "suggestion", cands) if cands else {}
+            ).items():
+                if src in ("labelbox", "gradledger"):
+                    mal[ref] = max(sseq, mal.get(ref, -1))
         local_digest: dict[tuple[str, str], str] = {}
         local_sugg_seq: dict[str, int] = {}
         entries: list[NewEntry] = []
@@ -197,9 +201,9 @@ class _Run:
                 continue
             r.seeded_from = [self._resolve(s, local_sugg_seq, seeds, model_labels) for s in r.seeded_from]
             for c in r.seed_candidates:
-                hit = mal.get(("labelbox", c))
+                hit = mal.get(c)
                 if hit is not None:
-                    r.seeded_from.append(Seed(c, "mal", hit[0]))
+                    r.seeded_from.append(Seed(c, "mal", hit))
             body = self._body(r)
             key = ("annotation", r.label_id)
             prior = local_digest.get(key) or known_labels.get((self.source, r.label_id), (0, None))[1]
@@ -327,7 +331,9 @@ def _ingest(
             )  # fmt: skip
         run.conn, run.active = conn, active
         run.next_seq = Ledger._size(conn)
-        run.labelbox_suggestions = source == "labelbox" and _index.has_any(conn, "suggestion", "labelbox")
+        run.labelbox_suggestions = source == "labelbox" and (
+            _index.has_any(conn, "suggestion", "labelbox") or _index.has_any(conn, "suggestion", "gradledger")
+        )
         for line, idx, element in reader:
             run.add(run.parse(element, line, idx, reader.mode == "array"))
         run.flush()
