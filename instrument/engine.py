@@ -326,8 +326,10 @@ class GradNormEngine:
             self._pass_b = b
         elif b != self._pass_b:
             raise EngineError(
-                f"layer {lay.name!r} received {b} rows but this forward pass has {self._pass_b}; inputs must "
-                "be batch-first with the same batch in every layer"
+                f"layer {lay.name!r} was called with a leading dim of {b} but this forward pass has a batch of "
+                f"{self._pass_b}: inputs must be batch-first, and a layer applied to unbatched input (e.g. a "
+                "positional embedding indexed by arange(T) and broadcast over the batch) has no per-sample "
+                "gradient at its output; index it with a [batch, T] tensor (positions.expand(batch, T))"
             )
         swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
         owners = (
