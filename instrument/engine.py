@@ -373,11 +373,11 @@ class GradNormEngine:
 
     # ------------------------------------------------------------------ backward side
     def _guard(self, lay: _Layer, pname: str) -> Any:
-        def hook(grad: Tensor) -> None:
+        def hook(grad: Tensor | None) -> None:
             if not self._armed:
                 return
             expected = lay.expected.pop(pname, None)
-            if expected is None or grad is not expected:
+            if grad is not None and grad is not expected:
                 raise EngineError(
                     f"parameter {pname!r} of layer {lay.name!r} ({type(lay.module).__name__}) received a "
                     "gradient from outside a call of that layer in an armed window (e.g. weights tied "

@@ -39,9 +39,8 @@ def oracle_grads(model: nn.Module, x: Any, target: Tensor) -> dict[str, Tensor]:
 def layer_of(param: str, layers: list[str]) -> str:
     best = None
     for name in layers:
-        if name == "" or param.startswith(name + "."):
-            if best is None or len(name) > len(best):
-                best = name
+        if (name == "" or param.startswith(name + ".")) and (best is None or len(name) > len(best)):
+            best = name
     assert best is not None, f"parameter {param} belongs to no layer"
     return best
 

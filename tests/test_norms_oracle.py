@@ -28,7 +28,11 @@ def f64(m: nn.Module) -> nn.Module:
 
 @pytest.mark.parametrize("reduction", RED)
 def test_mlp_2d(reduction: str) -> None:
-    model = f64(nn.Sequential(nn.Linear(6, 8), nn.ReLU(inplace=True), nn.Linear(8, 8, bias=False), nn.Tanh(), nn.Linear(8, 3)))
+    model = f64(
+        nn.Sequential(
+            nn.Linear(6, 8), nn.ReLU(inplace=True), nn.Linear(8, 8, bias=False), nn.Tanh(), nn.Linear(8, 3)
+        )
+    )
     eng = check_model(model, torch.randn(7, 6, dtype=torch.float64), reduction)
     assert eng.layer_names == ["0", "2", "4"]
 
@@ -71,7 +75,9 @@ def test_conv2d_variants(kw: dict, reduction: str) -> None:
     check_model(model, x, reduction)
 
 
-@pytest.mark.parametrize("kw", [dict(stride=2, padding=1), dict(dilation=2, groups=3), dict(padding="same", bias=False)])
+@pytest.mark.parametrize(
+    "kw", [dict(stride=2, padding=1), dict(dilation=2, groups=3), dict(padding="same", bias=False)]
+)
 def test_conv1d_variants(kw: dict) -> None:
     model = f64(nn.Sequential(nn.Conv1d(3, 6, 3, **kw), nn.Tanh(), nn.Conv1d(6, 2, 1)))
     check_model(model, torch.randn(5, 3, 11, dtype=torch.float64), "mean")
@@ -179,7 +185,9 @@ def test_transformer_block_f32() -> None:
 
 
 def test_cnn_f32() -> None:
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.GroupNorm(2, 4), nn.ReLU(), nn.Flatten(), nn.Linear(36, 5))
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, stride=2), nn.GroupNorm(2, 4), nn.ReLU(), nn.Flatten(), nn.Linear(36, 5)
+    )
     check_model(model, torch.randn(6, 3, 7, 7), "sum", tol=1e-4)
 
 
@@ -232,7 +240,11 @@ def test_functional_entry_point(reduction: str) -> None:
     for p in model.parameters():
         p.grad = torch.full_like(p, 7.0)
     norms = instrument.per_sample_grad_norms(
-        model, lambda out, tgt: reduce(per_sample_loss(out, tgt), reduction), idx, target, loss_reduction=reduction
+        model,
+        lambda out, tgt: reduce(per_sample_loss(out, tgt), reduction),
+        idx,
+        target,
+        loss_reduction=reduction,
     )
     assert all(bool((p.grad == 7.0).all()) for p in model.parameters())  # .grad left untouched
     names = list(norms)

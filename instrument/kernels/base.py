@@ -131,7 +131,11 @@ def scaled_rows(t: Tensor, scale: Tensor | None) -> Tensor:
 
 
 def weighted_sum(per_sample: Tensor, scale: Tensor | None) -> Tensor:
-    """``Σ_i scale_i · per_sample[i]`` (plain sum over dim 0 when ``scale`` is None)."""
+    """``Σ_i scale_i · per_sample[i]`` as one GEMV (all-ones when ``scale`` is None).
+
+    Using the same GEMV for both cases keeps "example j routed out" bit-identical to "example j's loss
+    times zero": the other rows are multiplied by exactly 1 and summed in the same order.
+    """
     if scale is None:
-        return per_sample.sum(0)
+        scale = torch.ones(per_sample.shape[0], dtype=per_sample.dtype, device=per_sample.device)
     return torch.tensordot(scale.to(per_sample.dtype), per_sample, dims=1)

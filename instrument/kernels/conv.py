@@ -16,7 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import MATERIALISE_BUDGET, Call, LayerGrads, Request, register_kernel, scaled_rows, trainable
+from .base import (
+    MATERIALISE_BUDGET,
+    Call,
+    LayerGrads,
+    Request,
+    register_kernel,
+    scaled_rows,
+    trainable,
+    weighted_sum,
+)
 from .linear import use_gram
 
 
@@ -95,10 +104,7 @@ def conv_kernel(module: nn.Module, calls: list[Call], req: Request) -> LayerGrad
                 ps = torch.einsum("cgot,cgit->cgoi", g, u)  # per-sample weight grads [c, g, d_out, d_in]
                 norm_sq[lo:hi] += ps.square().sum((1, 2, 3))
                 if dw_acc is not None:
-                    if eager_scale is None:
-                        dw_acc += ps.sum(0)
-                    else:
-                        dw_acc += torch.tensordot(eager_scale[lo:hi].to(dt), ps, dims=1)
+                    dw_acc += weighted_sum(ps, None if eager_scale is None else eager_scale[lo:hi])
                 del ps
             del u, g, us
 

@@ -19,7 +19,16 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from .base import MATERIALISE_BUDGET, Call, LayerGrads, Request, register_kernel, scaled_rows, trainable
+from .base import (
+    MATERIALISE_BUDGET,
+    Call,
+    LayerGrads,
+    Request,
+    register_kernel,
+    scaled_rows,
+    trainable,
+    weighted_sum,
+)
 
 PartGrads = Callable[[Tensor | None], tuple[Tensor | None, Tensor | None]]
 
@@ -74,10 +83,7 @@ def linear_parts(
         ps = torch.bmm(g[s : s + chunk].transpose(1, 2), x[s : s + chunk])  # [c, d_out, d_in]
         norm_sq[s : s + chunk] += ps.square().sum((1, 2))
         if dw_acc is not None:
-            if eager_scale is None:
-                dw_acc += ps.sum(0)
-            else:
-                dw_acc += torch.tensordot(eager_scale[s : s + chunk].to(ps.dtype), ps, dims=1)
+            dw_acc += weighted_sum(ps, None if eager_scale is None else eager_scale[s : s + chunk])
         del ps
 
     def from_parts(scale: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
