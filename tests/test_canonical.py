@@ -1,0 +1,180 @@
+"""Entry encoding: the fast canonical path equals ``rfc8785``; NaN/Inf round trip; leaf data splice; payloads."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+import pytest
+import rfc8785
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ledger.canonical import (
+    ENTRY_PREFIX,
+    CanonicalError,
+    canonical_body,
+    canonical_json,
+    decode_body,
+    descriptors_json,
+    encode_payload,
+    leaf_data,
+)
+
+SAFE = 2**53 - 1
+floats = st.floats(allow_nan=False, allow_infinity=False)
+scalars = st.none() | st.booleans() | st.integers(-SAFE, SAFE) | floats | st.text()
+keys = st.text().filter(lambda k: not k.startswith("$"))
+json_values = st.recursive(
+    scalars,
+    lambda kids: st.lists(kids, max_size=5) | st.dictionaries(keys, kids, max_size=5),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(json_values)
+def test_canonical_json_equals_rfc8785(value: object) -> None:
+    assert canonical_json(value) == rfc8785.dumps(value)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(floats, max_size=20))
+def test_float_lists_equal_rfc8785(values: list[float]) -> None:
+    # floats are where Python's repr and ECMAScript's number format differ (1e-05 vs 1e-5, 100.0 vs 100)
+    assert canonical_json({"x": values}) == rfc8785.dumps({"x": values})
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        1e-7,
+        1e-5,
+        1e21,
+        1e16,
+        123456789012345680.0,
+        2.0**53,
+        2.0**60,
+        5e-324,
+        -0.0,
+        1.0,
+        0.1,
+        1e-4,
+        9999999999999998.0,
+    ],
+)
+def test_float_edge_cases_equal_rfc8785(value: float) -> None:
+    assert canonical_json([value]) == rfc8785.dumps([value])
+
+
+def test_non_ascii_keys_sort_by_utf16_like_rfc8785() -> None:
+    body = {"\U0001f600": 1, "\ue000": 2, "a": 3, "é": 4}
+    assert canonical_json(body) == rfc8785.dumps(body)
+
+
+def test_nan_and_infinities_round_trip() -> None:
+    body = {"a": math.nan, "b": [math.inf, -math.inf, 1.5], "c": {"d": np.float32("nan")}}
+    data = canonical_body(body)
+    assert data == (
+        b'{"a":{"$float":"NaN"},"b":[{"$float":"Infinity"},{"$float":"-Infinity"},1.5],"c":{"d":{"$float":"NaN"}}}'
+    )
+    back = decode_body(data)
+    assert math.isnan(back["a"]) and math.isnan(back["c"]["d"])
+    assert back["b"] == [math.inf, -math.inf, 1.5]
+
+
+def test_rfc8785_rules_inherited() -> None:
+    assert canonical_body({"z": 1.0, "a": -0.0}) == b'{"a":0,"z":1}'
+    assert decode_body(canonical_body({"n": np.int64(7), "t": (1, "x"), "b": np.bool_(True)})) == {
+        "n": 7,
+        "t": [1, "x"],
+        "b": True,
+    }
+
+
+@pytest.mark.parametrize(
+    "body, fragment",
+    [
+        ({"$float": "NaN"}, "reserved"),
+        ({"a": {"$ref": 1}}, "body.a: object key '$ref'"),
+        ({"a": [1, 2**60]}, "body.a[1]: integer"),
+        ({1: "x"}, "not a string"),
+        ({"a": np.zeros(3)}, "payloads"),
+        ({"a": object()}, "unsupported type object"),
+        ([1, 2], "must be a JSON object"),
+    ],
+)
+def test_bad_bodies_rejected_with_path(body: object, fragment: str) -> None:
+    with pytest.raises(CanonicalError, match=None) as info:
+        canonical_body(body)  # type: ignore[arg-type]
+    assert fragment in str(info.value)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.dictionaries(keys, json_values, max_size=6),
+    st.sampled_from(["step", "ledger", "annotation"]),
+    st.integers(0, 2**40),
+    st.integers(0, 5),
+)
+def test_leaf_data_splice_equals_whole_object_rfc8785(body: dict, kind: str, seq: int, v: int) -> None:
+    prev = hashlib.sha256(str(seq).encode()).digest()
+    ts = "2026-11-27T20:01:02.123456Z"
+    p = encode_payload("grad_norms", np.arange(6, dtype=np.float32).reshape(2, 3))
+    desc = descriptors_json([(p.name, p.dtype, p.shape, p.sha256, len(p.data))])
+    whole = {
+        "kind": kind,
+        "v": v,
+        "seq": seq,
+        "ts": ts,
+        "prev": prev.hex(),
+        "body": body,
+        "payloads": {"grad_norms": p.descriptor()},
+    }
+    assert leaf_data(kind, v, seq, ts, prev, canonical_body(body), desc) == ENTRY_PREFIX + rfc8785.dumps(
+        whole
+    )
+
+
+def test_descriptors_sorted_and_equal_rfc8785() -> None:
+    ps = [encode_payload(n, np.ones(k, dtype=np.int32)) for n, k in [("w", 2), ("B", 1), ("a_1", 3)]]
+    got = descriptors_json([(p.name, p.dtype, p.shape, p.sha256, len(p.data)) for p in ps])
+    assert got == rfc8785.dumps({p.name: p.descriptor() for p in ps})
+
+
+def test_payloads_little_endian_c_order_round_trip() -> None:
+    big = np.arange(6, dtype=">f4").reshape(2, 3)
+    p = encode_payload("x", big)
+    assert p.dtype == "<f4" and p.shape == "[2,3]"
+    assert p.data == np.arange(6, dtype="<f4").tobytes()
+    assert p.sha256 == hashlib.sha256(p.data).digest()
+    np.testing.assert_array_equal(p.array(), big)
+    fortran = np.asfortranarray(np.arange(6, dtype=np.float64).reshape(2, 3))
+    np.testing.assert_array_equal(encode_payload("f", fortran).array(), fortran)
+    scalar = encode_payload("s", np.float32(2.5))
+    assert scalar.shape == "[]" and scalar.array() == np.float32(2.5)
+    for name, arr in [("b", np.array([True, False])), ("u", np.arange(3, dtype=np.uint8))]:
+        np.testing.assert_array_equal(encode_payload(name, arr).array(), arr)
+
+
+@pytest.mark.parametrize(
+    "name, array, fragment",
+    [
+        ("bad name", np.zeros(2), "must match"),
+        ("", np.zeros(2), "must match"),
+        ("x", np.array(["a", "b"]), "not a fixed-width numeric"),
+        ("x", np.array([object()]), "not a fixed-width numeric"),
+    ],
+)
+def test_bad_payloads_rejected(name: str, array: np.ndarray, fragment: str) -> None:
+    with pytest.raises(CanonicalError) as info:
+        encode_payload(name, array)
+    assert fragment in str(info.value)
+
+
+def test_malformed_descriptor_columns_rejected() -> None:
+    with pytest.raises(CanonicalError):
+        descriptors_json([("x", '<f4","size":1', "[1]", bytes(32), 4)])
+    with pytest.raises(CanonicalError):
+        descriptors_json([("x", "<f4", "[1, 2]", bytes(32), 8)])
