@@ -65,6 +65,10 @@ class DPConfig:
             raise bad("accountant", f"must be one of {', '.join(ACCOUNTANTS)}, got {self.accountant!r}")
         if self.sample_rate is not None and not (0.0 < self.sample_rate <= 1.0):
             raise bad("sample_rate", f"must be in (0, 1], got {self.sample_rate!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not 0 <= self.seed < 2**53):
+            raise bad(
+                "seed", f"must be an int in [0, 2**53) (it is recorded as a JSON number), got {self.seed!r}"
+            )
         if isinstance(self.eps_every, bool) or not isinstance(self.eps_every, int) or self.eps_every < 1:
             raise bad("eps_every", f"must be an int >= 1, got {self.eps_every!r}")
 
@@ -126,7 +130,9 @@ class GaussianMechanism:
         self.config = config
         self.params = params
         self.loss_reduction = loss_reduction
-        self.seed = config.seed if config.seed is not None else secrets.randbits(63)
+        self.seed = (
+            config.seed if config.seed is not None else secrets.randbits(53)
+        )  # JSON-safe integer, recorded in the run entry
         self.generator = torch.Generator(device=params[0].device)
         self.generator.manual_seed(self.seed)
         self.accountant = PrivacyAccountant(config.accountant, config.delta)
