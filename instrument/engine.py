@@ -413,7 +413,11 @@ class GradNormEngine:
         self._inside_kernel = True
         try:
             with torch.no_grad():
-                res = lay.kernel(lay.module, calls, Request(scale=scale, deferred=clipping))
+                try:
+                    res = lay.kernel(lay.module, calls, Request(scale=scale, deferred=clipping))
+                except Exception as exc:
+                    self._error = EngineError(f"layer {lay.name!r} ({type(lay.module).__name__}): {exc}")
+                    raise self._error from exc
                 factor = float(self._pass_b) if self.loss_reduction == "mean" else 1.0
                 self._norms[self._rows(), lay.index] = (
                     res.norm_sq.clamp(min=0).sqrt().to(self._norms.dtype) * factor

@@ -112,9 +112,7 @@ def fallback_kernel(module: nn.Module, calls: list[Call], req: Request) -> Layer
         try:
             per = _per_sample(module, params, call, b)
         except Exception as exc:  # name the layer in whatever went wrong
-            raise RuntimeError(
-                f"exact per-sample fallback (torch.func) failed for {type(module).__name__}: {exc}"
-            ) from exc
+            raise RuntimeError(f"exact per-sample fallback (torch.func) failed: {exc}") from exc
         total = per if total is None else {n: total[n] + per[n] for n in total}
     assert total is not None
     norm_sq = sum(g.reshape(b, -1).square().sum(1) for g in total.values())
