@@ -21,8 +21,9 @@ raise ``ValueError`` for arguments outside their domain (index not in ``[0, size
 argument that transparency-dev/merkle's ``proof.VerifyInclusion`` / ``proof.VerifyConsistency`` answers
 with an error (index >= size, size2 < size1, consistency from size 0, a non-empty proof for equal sizes,
 wrong proof length, wrong hash length) makes them return ``False``, as does a proof that does not hash to
-the claimed root. Like transparency-dev, ``verify_consistency(n, n, [], r1, r2)`` is ``r1 == r2`` for
-every ``n`` (including 0), while a consistency proof from size 0 to a larger size is rejected.
+the claimed root. Like current transparency-dev (``RootFromConsistencyProof`` checks ``size1 == 0``
+before ``size1 == size2``), every consistency check from size 0 is rejected, even ``0 -> 0``;
+``verify_consistency(n, n, [], r1, r2)`` for ``n > 0`` is ``r1 == r2``.
 """
 
 from __future__ import annotations
@@ -236,10 +237,12 @@ def verify_consistency(
         return False
     if not _proof_ok(proof) or new_size < old_size:
         return False
+    if old_size == 0:
+        return False  # a proof from the empty tree is meaningless (transparency-dev rejects it too)
     if old_size == new_size:
         return len(proof) == 0 and old_root == new_root
-    if old_size == 0 or len(proof) == 0:
-        return False  # a proof from the empty tree is meaningless (transparency-dev rejects it too)
+    if len(proof) == 0:
+        return False
     path = list(proof)
     if old_size & (old_size - 1) == 0:  # old tree is a perfect subtree: its root is the seed
         path.insert(0, old_root)
