@@ -353,3 +353,172 @@ def test_attach_refuses_unsupported_or_inconsistent_criteria(led: Any) -> None:
 def test_public_exports() -> None:
     assert instrument.attach is attach
     assert {"Tracker", "Policy", "DPConfig"} <= set(dir(instrument))
+
+
+# ----- routing policy + manifest, end to end ------------------------------------------------------------
+POLICY_YAML = """\
+gradledger_policy: 1
+name: demo
+groups:
+  shallow: ["0", "2"]
+  deep: ["4"]
+rules:
+  - name: excluded
+    when: {any: [{review: reject}, {rights: withdrawn}]}
+    weights: {"*": 0.0}
+  - name: gold
+    when: {gold: true}
+    weights: {"*": 1.0}
+  - name: low-consensus
+    when: {consensus: {lt: 0.7}}
+    weights: {shallow: 1.0, deep: 0.0}
+default: {"*": 0.5}
+"""
+# example -> (export row fields, expected rule index, expected weights for layers 0, 2, 4)
+PROVENANCE: dict[str, tuple[dict[str, Any], int, list[float]]] = {
+    "e0": ({"consensus": 0.9}, -1, [0.5, 0.5, 0.5]),
+    "e1": ({"consensus": 0.5}, 2, [1, 1, 0]),
+    "e2": ({"consensus": 0.95, "review": "reject", "reviewer": "rev@example.com"}, 0, [0, 0, 0]),
+    "e3": ({"consensus": 0.3, "gold": True}, 1, [1, 1, 1]),
+    "e4": ({"consensus": 0.9, "rights": "withdrawn"}, 0, [0, 0, 0]),
+    "e5": ({}, -1, [0.5, 0.5, 0.5]),  # no consensus score: `lt` never matches a missing value
+    "e6": ({"consensus": 0.69, "review": "approve", "reviewer": "rev@example.com"}, 2, [1, 1, 0]),
+    "e7": ({"consensus": 0.7}, -1, [0.5, 0.5, 0.5]),
+}
+
+
+@pytest.fixture
+def manifest(led: Any, tmp_path: Path) -> Any:
+    import json
+
+    from ledger import ingest
+    from ledger.ingest.pseudonym import Pseudonymizer
+    from ledger.provenance import Manifest
+
+    rows = [
+        {"item_id": ex, "label_id": f"lab-{ex}", "value": "cat", "producer": "ann@example.com", **fields}
+        for ex, (fields, _, _) in PROVENANCE.items()
+    ]
+    path = tmp_path / "labels.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ingest.ingest("jsonl", path, led, pseudonym_key=Pseudonymizer(bytes(range(32))))
+    return Manifest.create(led, "train-v1", {ex: f"lab-{ex}" for ex in PROVENANCE})
+
+
+def test_policy_routes_each_example_and_the_step_proves_it(led: Any, manifest: Any) -> None:
+    policy = instrument.Policy.from_yaml(POLICY_YAML, "demo.yaml")
+    model = make_model()
+    crit = nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tr = attach(model, opt, ledger=led, run="routed", policy=policy, labels=manifest, criterion=crit)
+    ids = list(PROVENANCE)
+    x, y = data(len(ids))
+    w = torch.tensor([PROVENANCE[i][2] for i in ids], dtype=torch.float64)
+    # independent oracle of the routed update: Δθ_l = -lr · Σ_i w_il ∇ℓ_i / B (torch.func per-sample grads)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss_one(p: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))
+
+    per = vmap(grad(loss_one), in_dims=(None, 0, 0))(params, x, y)
+    expected = {
+        k: params[k] - 0.1 * torch.tensordot(w[:, LAYERS.index(k.rsplit(".", 1)[0])], g, dims=1) / len(ids)
+        for k, g in per.items()
+    }
+    with tr.batch(ids):
+        crit(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[k], rtol=1e-10, atol=1e-12)
+    (rec,) = led.steps("routed")
+    np.testing.assert_array_equal(rec.weights, np.array([PROVENANCE[i][2] for i in ids], np.float32))
+    np.testing.assert_array_equal(rec.rule_ids, [PROVENANCE[i][1] for i in ids])
+    np.testing.assert_allclose(rec.grad_norms, oracle_norms(make_model(), x, y), rtol=1e-6)  # unrouted norms
+    # the step names the policy entry, which rebuilds to the same policy; the run entry pins both digests
+    assert instrument.Policy.from_entry(led, rec.policy_seq) == policy
+    run = run_record(led, "routed")
+    assert (run.policy_seq, run.policy_digest) == (rec.policy_seq, policy.digest)
+    assert (run.manifest_seq, run.manifest_digest) == (manifest.seq, manifest.digest)
+    tr.close()
+    # a second run under the same policy reuses its entry
+    tr2 = attach(
+        make_model(),
+        torch.optim.SGD(make_model().parameters(), lr=0.1),
+        ledger=led,
+        run="r2",
+        policy=policy,
+        labels=manifest,
+    )
+    assert tr2.policy_seq == rec.policy_seq
+    tr2.close()
+
+
+def test_unknown_example_id_names_id_and_manifest(led: Any, manifest: Any) -> None:
+    policy = instrument.Policy.from_yaml(POLICY_YAML, "demo.yaml")
+    model = make_model()
+    tr = attach(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        ledger=led,
+        run="u",
+        policy=policy,
+        labels=manifest,
+    )
+    size = led.size
+    with (
+        pytest.raises(KeyError, match=r"example id 'e99' is not in manifest 'train-v1' \(seq \d+"),
+        tr.batch(["e0", "e99"]),
+    ):
+        pass
+    assert led.size == size
+    # without a policy the manifest still guards the ids
+    tr.close()
+    tr2 = attach(
+        make_model(), torch.optim.SGD(model.parameters(), lr=0.1), ledger=led, run="u2", labels=manifest
+    )
+    with pytest.raises(KeyError, match="'nope' is not in manifest 'train-v1'"), tr2.batch(["nope"]):
+        pass
+    tr2.close()
+
+
+def test_policy_glob_matching_no_layer_fails_at_attach(led: Any, manifest: Any) -> None:
+    policy = instrument.Policy.from_yaml(
+        POLICY_YAML.replace('deep: ["4"]', 'deep: ["4", "head.*"]'), "demo.yaml"
+    )
+    model = make_model()
+    size = led.size
+    with pytest.raises(
+        instrument.PolicyError, match=r"demo.yaml:5: groups\.deep\[1\]: glob 'head\.\*' matches no layer"
+    ):
+        attach(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            ledger=led,
+            run="g",
+            policy=policy,
+            labels=manifest,
+        )
+    assert led.size == size
+
+
+def test_dp_sample_rate_is_derived_from_the_manifest(led: Any, manifest: Any) -> None:
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    dp = instrument.DPConfig(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5, accountant="rdp")
+    tr = attach(model, opt, ledger=led, run="dp", labels=manifest, dp=dp, seed=1)
+    x, y = data(4)
+    with tr.batch(["e0", "e1", "e2", "e3"]):
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    (rec,) = led.steps("dp")
+    assert (
+        rec.eps is not None
+        and rec.eps > 0
+        and rec.clip_factors is not None
+        and rec.clip_factors.shape == (4,)
+    )
+    body = led.entry(rec.seq).body
+    assert body["dp"]["sample_rate"] == 4 / len(PROVENANCE) and body["dp"]["eps_step"] == 0
+    tr.close()
