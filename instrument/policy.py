@@ -133,33 +133,37 @@ class Policy:
         """Build from the file structure (a parsed YAML / JSON document)."""
         lines = dict(lines or {})
         if not isinstance(data, Mapping):
-            raise PolicyError(source, "", f"a policy is a mapping, got {type(data).__name__}", lines.get(""))
+            raise PolicyError(
+                source, "", f"a policy is a mapping, got {type(data).__name__}", _line(lines, "")
+            )
         _check_keys(data, _TOP_KEYS, "", source, lines)
         for key in _TOP_KEYS:
             if key not in data:
-                raise PolicyError(source, key, "required field is missing", lines.get(""))
+                raise PolicyError(source, key, "required field is missing", _line(lines, ""))
         version = data["gradledger_policy"]
         if version != FORMAT_VERSION or isinstance(version, bool):
             raise PolicyError(
                 source,
                 "gradledger_policy",
                 f"unsupported format version {version!r} (expected {FORMAT_VERSION})",
-                lines.get("gradledger_policy"),
+                _line(lines, "gradledger_policy"),
             )
         rules_raw = data["rules"]
         if not isinstance(rules_raw, list):
-            raise PolicyError(source, "rules", "must be a list of rules", lines.get("rules"))
+            raise PolicyError(source, "rules", "must be a list of rules", _line(lines, "rules"))
         rules = []
         for i, r in enumerate(rules_raw):
             path = f"rules[{i}]"
             if not isinstance(r, Mapping):
                 raise PolicyError(
-                    source, path, "a rule is a mapping with name, when, weights", lines.get(path)
+                    source, path, "a rule is a mapping with name, when, weights", _line(lines, path)
                 )
             _check_keys(r, _RULE_KEYS, path, source, lines)
             for key in ("name", "weights"):
                 if key not in r:
-                    raise PolicyError(source, f"{path}.{key}", "required field is missing", lines.get(path))
+                    raise PolicyError(
+                        source, f"{path}.{key}", "required field is missing", _line(lines, path)
+                    )
             rules.append(Rule(name=r["name"], weights=r["weights"], when=r.get("when") or {}))
         return cls(
             name=data["name"],
@@ -271,7 +275,7 @@ class BoundPolicy:
                         src,
                         f"groups.{gname}[{gi}]",
                         f"glob {glob!r} matches no layer of the model (layers: {', '.join(layer_names)})",
-                        lines.get(f"groups.{gname}[{gi}]") or lines.get(f"groups.{gname}"),
+                        _line(lines, f"groups.{gname}[{gi}]"),
                     )
                 for layer in hits:
                     if group_of.get(layer, gname) != gname:
@@ -279,7 +283,7 @@ class BoundPolicy:
                             src,
                             f"groups.{gname}",
                             f"layer {layer!r} is in both group {group_of[layer]!r} and group {gname!r}",
-                            lines.get(f"groups.{gname}"),
+                            _line(lines, f"groups.{gname}"),
                         )
                     group_of[layer] = gname
         self.group_of = group_of
@@ -299,7 +303,7 @@ class BoundPolicy:
                         src,
                         f"{path}.weights",
                         f"layer {layer!r} is in no layer group, so this rule needs a '*' weight for it",
-                        lines.get(f"{path}.weights") or lines.get(path),
+                        _line(lines, f"{path}.weights"),
                     )
         self.table = table  # row r = rule r; the last row is the default
 
@@ -312,6 +316,17 @@ class BoundPolicy:
 
 
 # ----- validation / normalisation ----------------------------------------------------------------
+def _line(lines: Mapping[str, int], path: str) -> int | None:
+    """The line of ``path`` or of its nearest enclosing field that has one (YAML only)."""
+    while True:
+        if path in lines:
+            return lines[path]
+        if not path:
+            return None
+        cut = max(path.rfind("."), path.rfind("["))
+        path = path[: max(cut, 0)]
+
+
 def _check_keys(
     data: Mapping[str, Any], allowed: Sequence[str], path: str, source: str, lines: Mapping[str, int]
 ) -> None:
@@ -322,16 +337,18 @@ def _check_keys(
                 source,
                 sub,
                 f"unknown field {key!r} (allowed: {', '.join(allowed)})",
-                lines.get(sub) or lines.get(path),
+                _line(lines, sub),
             )
 
 
 def _weight(value: Any, path: str, source: str, lines: Mapping[str, int]) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise PolicyError(source, path, f"weight must be a number in [0, 1], got {value!r}", lines.get(path))
+        raise PolicyError(
+            source, path, f"weight must be a number in [0, 1], got {value!r}", _line(lines, path)
+        )
     w = float(value)
     if not (0.0 <= w <= 1.0):  # also rejects NaN
-        raise PolicyError(source, path, f"{value!r} is outside [0, 1]", lines.get(path))
+        raise PolicyError(source, path, f"{value!r} is outside [0, 1]", _line(lines, path))
     return w
 
 
@@ -340,7 +357,7 @@ def _weights(
 ) -> dict[str, float]:
     if not isinstance(value, Mapping) or not value:
         raise PolicyError(
-            source, path, "must be a non-empty mapping of layer group (or '*') to weight", lines.get(path)
+            source, path, "must be a non-empty mapping of layer group (or '*') to weight", _line(lines, path)
         )
     out = {}
     for key, w in value.items():
@@ -349,7 +366,7 @@ def _weights(
                 source,
                 f"{path}.{key}",
                 f"unknown layer group {key!r} (groups: {', '.join(groups) or 'none'}; '*' = the rest)",
-                lines.get(f"{path}.{key}") or lines.get(path),
+                _line(lines, f"{path}.{key}"),
             )
         out[str(key)] = _weight(w, f"{path}.{key}", source, lines)
     if "*" not in out:
@@ -359,7 +376,7 @@ def _weights(
                 source,
                 path,
                 f"no weight for layer group(s) {', '.join(missing)} (name them or add '*')",
-                lines.get(path),
+                _line(lines, path),
             )
     return out
 
@@ -371,35 +388,41 @@ def _scalar(fieldname: str, value: Any, path: str, source: str, lines: Mapping[s
     if fieldname in _NUMBER_FIELDS:
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
             raise PolicyError(
-                source, path, f"{fieldname} compares with a finite number, got {value!r}", lines.get(path)
+                source, path, f"{fieldname} compares with a finite number, got {value!r}", _line(lines, path)
             )
         return float(value)
     if fieldname in _BOOL_FIELDS:
         if not isinstance(value, bool):
-            raise PolicyError(source, path, f"{fieldname} is true or false, got {value!r}", lines.get(path))
+            raise PolicyError(
+                source, path, f"{fieldname} is true or false, got {value!r}", _line(lines, path)
+            )
         return value
     if not isinstance(value, str):
-        raise PolicyError(source, path, f"{fieldname} compares with a string, got {value!r}", lines.get(path))
+        raise PolicyError(
+            source, path, f"{fieldname} compares with a string, got {value!r}", _line(lines, path)
+        )
     allowed = _STRING_FIELDS[fieldname]
     if allowed is not None and value not in allowed:
         raise PolicyError(
             source,
             path,
             f"{value!r} is not a valid {fieldname} (one of: {', '.join(sorted(allowed))})",
-            lines.get(path),
+            _line(lines, path),
         )
     return value
 
 
 def _condition(cond: Any, path: str, source: str, lines: Mapping[str, int]) -> dict[str, Any]:
     if not isinstance(cond, Mapping):
-        raise PolicyError(source, path, "a condition is a mapping of field to test", lines.get(path))
+        raise PolicyError(source, path, "a condition is a mapping of field to test", _line(lines, path))
     out: dict[str, Any] = {}
     for key, value in cond.items():
         sub = f"{path}.{key}"
         if key in ("any", "all"):
             if not isinstance(value, list) or not value:
-                raise PolicyError(source, sub, f"{key} takes a non-empty list of conditions", lines.get(sub))
+                raise PolicyError(
+                    source, sub, f"{key} takes a non-empty list of conditions", _line(lines, sub)
+                )
             out[key] = [_condition(c, f"{sub}[{i}]", source, lines) for i, c in enumerate(value)]
         elif key == "not":
             out[key] = _condition(value, sub, source, lines)
@@ -410,7 +433,7 @@ def _condition(cond: Any, path: str, source: str, lines: Mapping[str, int]) -> d
                 source,
                 sub,
                 f"unknown field {key!r} (fields: {', '.join(sorted(FIELDS))}; combinators: any, all, not)",
-                lines.get(sub) or lines.get(path),
+                _line(lines, sub),
             )
     return out
 
@@ -421,7 +444,7 @@ def _field_test(name: str, value: Any, path: str, source: str, lines: Mapping[st
     elif not isinstance(value, Mapping):
         value = {"eq": value}
     if not value:
-        raise PolicyError(source, path, "empty test", lines.get(path))
+        raise PolicyError(source, path, "empty test", _line(lines, path))
     out: dict[str, Any] = {}
     for op, arg in value.items():
         sub = f"{path}.{op}"
@@ -430,19 +453,19 @@ def _field_test(name: str, value: Any, path: str, source: str, lines: Mapping[st
                 source,
                 sub,
                 f"unknown operator {op!r} (one of: {', '.join(sorted(_OPS))})",
-                lines.get(sub) or lines.get(path),
+                _line(lines, sub),
             )
         if op in _ORDER_OPS:
             if name not in _NUMBER_FIELDS:
                 raise PolicyError(
-                    source, sub, f"{op} needs a numeric field; {name} is not numeric", lines.get(sub)
+                    source, sub, f"{op} needs a numeric field; {name} is not numeric", _line(lines, sub)
                 )
             if arg is None:
-                raise PolicyError(source, sub, f"{op} needs a number, got null", lines.get(sub))
+                raise PolicyError(source, sub, f"{op} needs a number, got null", _line(lines, sub))
             out[op] = _scalar(name, arg, sub, source, lines)
         elif op in ("in", "not_in"):
             if not isinstance(arg, list) or not arg:
-                raise PolicyError(source, sub, f"{op} takes a non-empty list", lines.get(sub))
+                raise PolicyError(source, sub, f"{op} takes a non-empty list", _line(lines, sub))
             out[op] = [_scalar(name, a, f"{sub}[{i}]", source, lines) for i, a in enumerate(arg)]
         else:
             out[op] = _scalar(name, arg, sub, source, lines)
@@ -452,23 +475,25 @@ def _field_test(name: str, value: Any, path: str, source: str, lines: Mapping[st
 def _normalise(raw: Mapping[str, Any], source: str, lines: Mapping[str, int]) -> dict[str, Any]:
     name = raw["name"]
     if not isinstance(name, str) or not name:
-        raise PolicyError(source, "name", "must be a non-empty string", lines.get("name"))
+        raise PolicyError(source, "name", "must be a non-empty string", _line(lines, "name"))
     groups_raw = raw["groups"]
     if not isinstance(groups_raw, Mapping):
         raise PolicyError(
-            source, "groups", "must be a mapping of group name to a list of globs", lines.get("groups")
+            source, "groups", "must be a mapping of group name to a list of globs", _line(lines, "groups")
         )
     groups: dict[str, list[str]] = {}
     for g, globs in groups_raw.items():
         path = f"groups.{g}"
         if not isinstance(g, str) or not g or g == "*":
             raise PolicyError(
-                source, path, "a group name is a non-empty string other than '*'", lines.get(path)
+                source, path, "a group name is a non-empty string other than '*'", _line(lines, path)
             )
         if isinstance(globs, str):
             globs = [globs]
         if not isinstance(globs, Sequence) or not globs or not all(isinstance(x, str) and x for x in globs):
-            raise PolicyError(source, path, "must be a non-empty list of module-name globs", lines.get(path))
+            raise PolicyError(
+                source, path, "must be a non-empty list of module-name globs", _line(lines, path)
+            )
         groups[g] = list(globs)
     rules = []
     seen: set[str] = set()
@@ -479,14 +504,14 @@ def _normalise(raw: Mapping[str, Any], source: str, lines: Mapping[str, int]) ->
                 source,
                 f"{path}.name",
                 "must be a non-empty string",
-                lines.get(f"{path}.name") or lines.get(path),
+                _line(lines, f"{path}.name"),
             )
         if r["name"] in seen or r["name"] == "default":
             raise PolicyError(
                 source,
                 f"{path}.name",
                 f"duplicate or reserved rule name {r['name']!r}",
-                lines.get(f"{path}.name"),
+                _line(lines, f"{path}.name"),
             )
         seen.add(r["name"])
         rules.append(
