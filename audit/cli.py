@@ -17,7 +17,11 @@ def main() -> None:
 def _register() -> None:
     """Import the command modules so their commands attach to ``main``."""
     # Each module calls ``main.add_command`` (or uses ``@main.command``) at import time.
-    from audit import cli_ingest  # noqa: F401
+    from audit import (  # noqa: F401
+        cli_demo,
+        cli_ingest,  # noqa: F401
+        cli_ledger,
+    )
 
 
 _register()

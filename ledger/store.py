@@ -15,7 +15,6 @@ Reads stream in chunks with keyset pagination; each chunk is its own short read 
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import importlib
 import math
@@ -288,27 +287,15 @@ class CheckpointBody:
 
 
 def parse_checkpoint_body(note_text: str) -> CheckpointBody:
-    """Parse the body of a C2SP signed note holding a tlog-checkpoint (no signature check).
+    """The (origin, size, root) of a C2SP checkpoint note, parsed strictly WITHOUT checking signatures.
 
-    Used for checkpoints stored in the ledger, whose signatures may come from keys the caller lacks; the
-    signature itself is checked with ``ledger.note.verify_checkpoint`` whenever a public key is given.
+    Used for checkpoints stored in the ledger, whose signers the caller may not know; signatures are
+    checked with ``ledger.note.verify_checkpoint`` whenever a public key is given.
     """
-    body, sep, _sigs = note_text.partition("\n\n")
-    if not sep:
-        raise LedgerInputError("checkpoint note: no blank line between body and signatures")
-    lines = body.split("\n")
-    if len(lines) < 3:
-        raise LedgerInputError("checkpoint note: body needs origin, size and root hash lines")
-    origin, size_s, root_b64 = lines[0], lines[1], lines[2]
-    if not origin or not size_s.isdigit() or (size_s != "0" and size_s.startswith("0")):
-        raise LedgerInputError(f"checkpoint note: bad origin or size line ({size_s!r})")
-    try:
-        root = base64.b64decode(root_b64, validate=True)
-    except ValueError as exc:
-        raise LedgerInputError(f"checkpoint note: root line is not base64: {exc}") from exc
-    if len(root) != 32:
-        raise LedgerInputError(f"checkpoint note: root hash has {len(root)} bytes, expected 32")
-    return CheckpointBody(origin, int(size_s), root)
+    from . import note
+
+    cp = note.parse_checkpoint_note(note_text)
+    return CheckpointBody(cp.origin, cp.size, cp.root)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -1006,7 +993,7 @@ def _db_reason(exc: sa_exc.DBAPIError) -> str:
     return str(exc.orig).strip().splitlines()[0] if exc.orig is not None else str(exc)
 
 
-def _verify_chunks(conn: Connection, n: int) -> Iterator[tuple[list[Any], list[Any]]]:
+def _verify_chunks(conn: Connection, n: int) -> Iterator[tuple[Sequence[Any], Sequence[Any]]]:
     """Entry rows and payload rows for consecutive seq ranges ``[lo, lo + VERIFY_CHUNK)`` below ``n``."""
     e, p = schema.entries, schema.payloads
     ecols = (e.c.seq, e.c.kind, e.c.v, e.c.ts, e.c.prev, e.c.body, e.c.leaf_hash)
