@@ -251,7 +251,12 @@ class _Run:
             except CanonicalError as exc:
                 raise IngestError(self.path, line, None, f"cannot encode the record: {exc}") from None
         assert self.conn is not None
-        seqs = Ledger._append_locked(self.conn, prepared, self.active)
+        for i, e in enumerate(entries):
+            _index.hint(self.next_seq + i, e.kind, dict(e.body))
+        try:
+            seqs = Ledger._append_locked(self.conn, prepared, self.active)
+        finally:
+            _index.clear_hints()
         if seqs[0] != self.next_seq:  # pragma: no cover - the lock makes this impossible
             raise RuntimeError(f"sequencer moved during ingest: expected seq {self.next_seq}, got {seqs[0]}")
         self.first_seq = seqs[0] if self.first_seq is None else self.first_seq

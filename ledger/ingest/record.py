@@ -6,6 +6,7 @@ list is documented in ``docs/ingest-formats.md``; keep the two in step.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -13,9 +14,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from ledger.canonical import canonical_json
 from ledger.errors import CanonicalError
 from ledger.ingest.errors import FieldError
+from ledger.ingest.valuehash import value_sha256 as _value_sha256
+
+_digest_dumps = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
 
 ANNOTATION_V = 1
 SUGGESTION_V = 1
@@ -83,12 +86,14 @@ def _snake(raw: str) -> str:
     return re.sub(r"[\s\-]+", "_", s).lower()
 
 
+@functools.lru_cache(maxsize=1024)
 def workflow_status(raw: str) -> str:
     """Map a platform workflow state (``IN_REVIEW``, ``InReview``, ``rejected``...) to the neutral vocabulary."""
     key = _snake(raw)
     return _WORKFLOW_STATUS_MAP.get(key) or _WORKFLOW_STATUS_MAP.get(key.replace("_", ""), "other")
 
 
+@functools.lru_cache(maxsize=1024)
 def workflow_action(raw: str) -> str:
     key = _snake(raw)
     return _ACTION_MAP.get(key, "other")
@@ -112,18 +117,30 @@ def timestamp(value: object, fld: str) -> str | None:
         return None
     if not isinstance(value, str):
         raise FieldError(fld, f"expected an ISO 8601 time string, got {type(value).__name__}")
+    hit = _TS_CACHE.get(value)
+    if hit is not None:
+        return hit
     try:
         dt = datetime.fromisoformat(value)
     except ValueError:
         raise FieldError(fld, f"not an ISO 8601 time: {value[:40]!r}") from None
     dt = dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    if dt.year < 1000:
+        raise FieldError(fld, f"year {dt.year} is out of range")
+    out = dt.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+    if len(_TS_CACHE) > 4096:
+        _TS_CACHE.clear()
+    _TS_CACHE[value] = out
+    return out
+
+
+_TS_CACHE: dict[str, str] = {}
 
 
 def value_sha256(value: Any) -> str:
     """sha256 hex of the RFC 8785 bytes of a label value (``ledger.canonical``): recomputable from the value."""
     try:
-        return hashlib.sha256(canonical_json(value, "value")).hexdigest()
+        return _value_sha256(value)
     except CanonicalError as exc:
         raise FieldError("value", str(exc)) from None
 
@@ -301,10 +318,9 @@ class SuggestionRecord:
 
 
 def record_digest(content: dict[str, Any]) -> str:
-    """sha256 of the sorted-key compact JSON of a record's content: the re-ingest duplicate key.
-
-    Not RFC 8785 (the entry's leaf hash already is); documented in docs/ingest-formats.md so it can be
-    recomputed: ``json.dumps(c, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=True)``.
-    """
-    text = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    """sha256 of the sorted-key compact JSON of a record's content without ``value`` (``value_sha256``
+    stands for it): the re-ingest duplicate key. Not RFC 8785 (the entry's leaf hash already is);
+    recompute it as ``sha256(json.dumps({k: v for k, v in c.items() if k != "value"}, sort_keys=True,
+    separators=(",", ":"), ensure_ascii=False))`` over the body minus export, line and record_sha256."""
+    text = _digest_dumps({k: v for k, v in content.items() if k != "value"})
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
