@@ -511,7 +511,10 @@ class Ledger:
         head = conn.execute(select(e.c.seq, e.c.leaf_hash).order_by(e.c.seq.desc()).limit(1)).first()
         size = 0 if head is None else head[0] + 1
         prev = ZERO_HASH if head is None else head[1]
-        frontier = StoredTree(conn).frontier(size)
+        st = StoredTree(conn)
+        if head is not None:
+            st.cache[(0, size - 1)] = prev  # the last leaf is in the frontier whenever size is odd
+        frontier = st.frontier(size)
         ts = utc_now()
         sha = hashlib.sha256
         rows: list[dict[str, Any]] = []
