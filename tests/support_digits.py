@@ -268,3 +268,43 @@ def train(
 
 def iter_epochs(records: list[DigitsStep]) -> Iterator[int]:
     return iter(sorted({r.epoch for r in records}))
+
+
+@dataclass
+class PlantedDomains:
+    """Digits split at random into three equal domains: ``clean``; ``noised`` (Gaussian pixel noise on train
+    and test inputs); ``flipped`` (a fraction of its training labels flipped uniformly). Standardised on
+    train like :func:`load_data`."""
+
+    data: DigitsData
+    y_assigned: np.ndarray  # training labels after the flips
+    flipped: np.ndarray  # [N_train] bool
+    train_domains: list[str]
+    test_domains: list[str]
+
+
+def planted_domains(
+    seed: int = 0, noise_sigma: float = 0.5, flip_fraction: float = 0.3, eps: float = 0.3
+) -> PlantedDomains:
+    raw = load_data(seed, standardize=False)
+    rng = np.random.default_rng(seed + 17)
+    names = np.array(["clean", "noised", "flipped"])
+    dom_tr = names[rng.permutation(len(raw.y_train)) % 3]
+    dom_te = names[rng.permutation(len(raw.y_test)) % 3]
+    x_tr, x_te = raw.x_train.copy(), raw.x_test.copy()
+    x_tr[dom_tr == "noised"] += rng.normal(0.0, noise_sigma, x_tr[dom_tr == "noised"].shape).astype(
+        np.float32
+    )
+    x_te[dom_te == "noised"] += rng.normal(0.0, noise_sigma, x_te[dom_te == "noised"].shape).astype(
+        np.float32
+    )
+    mu, sd = x_tr.mean(0), x_tr.std(0) + eps
+    x_tr, x_te = (x_tr - mu) / sd, (x_te - mu) / sd
+    y = raw.y_train.copy()
+    in_dom = np.flatnonzero(dom_tr == "flipped")
+    y_dom, mask_dom = flip_uniform(y[in_dom], flip_fraction, seed)
+    y[in_dom] = y_dom
+    flipped = np.zeros(len(y), bool)
+    flipped[in_dom[mask_dom]] = True
+    data = DigitsData(x_tr.astype(np.float32), raw.y_train, x_te.astype(np.float32), raw.y_test, raw.ids)
+    return PlantedDomains(data, y, flipped, [str(d) for d in dom_tr], [str(d) for d in dom_te])
