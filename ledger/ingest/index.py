@@ -8,6 +8,7 @@ suggestion a label was seeded from, and which ``annotation`` entry a manifest's 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -44,7 +45,7 @@ class IngestIndex:
     def apply(self, conn: Connection, entries: Sequence[Any]) -> None:
         rows = []
         for e in entries:
-            h = _HINTS.pop(e.seq, None)
+            h = _hints().pop(e.seq, None)
             if h is not None and h[0] == e.kind:
                 rows.append({"seq": e.seq, "kind": h[0], "source": h[1], "ref": h[2], "digest": h[3]})
                 continue
@@ -88,20 +89,29 @@ INDEX = indexers.register(IngestIndex())
 # seq -> (kind, source, ref, digest), taken from the very body dicts being appended. The ingest pipeline
 # fills it just before it appends a chunk (under the write lock), so ``apply`` need not re-parse 1-2 KB of
 # canonical JSON per label; a rebuild (verify --deep) has no hints and decodes, and must agree.
-_HINTS: dict[int, tuple[str, str, str, str | None]] = {}
+# Thread-local: ``apply`` runs in the appending thread, and two threads may ingest into two ledgers.
+_LOCAL = threading.local()
+
+
+def _hints() -> dict[int, tuple[str, str, str, str | None]]:
+    h = getattr(_LOCAL, "hints", None)
+    if h is None:
+        h = _LOCAL.hints = {}
+    return h
 
 
 def hint(seq: int, kind: str, body: dict[str, Any]) -> None:
+    hints = _hints()
     if kind == "export":
-        _HINTS[seq] = (kind, body["source"], body["sha256"], None)
+        hints[seq] = (kind, body["source"], body["sha256"], None)
     elif kind == "annotation":
-        _HINTS[seq] = (kind, body["source"], body["label_id"], body.get("record_sha256"))
+        hints[seq] = (kind, body["source"], body["label_id"], body.get("record_sha256"))
     elif kind == "suggestion":
-        _HINTS[seq] = (kind, body["source"], body["suggestion_id"], body.get("record_sha256"))
+        hints[seq] = (kind, body["source"], body["suggestion_id"], body.get("record_sha256"))
 
 
 def clear_hints() -> None:
-    _HINTS.clear()
+    _hints().clear()
 
 
 def lookup(
