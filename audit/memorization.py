@@ -7,7 +7,8 @@ Score (whole-run per-layer self-influence, within-layer normalised). For example
     score[i] = mean over layers l of S[i, l]
 
 ``||g||`` is the recorded per-sample, per-layer gradient norm of the sample's own loss (step records'
-``grad_norms``), ``lr`` the layer's learning rate, ``w`` the routing weight (an example barred from a layer
+``grad_norms``), ``lr`` the layer's learning rate (NaN = not trained by the optimizer: no influence; layers
+with no energy at all are left out of the mean), ``w`` the routing weight (an example barred from a layer
 exerts no influence on it) and ``c`` the DP clip factor when recorded (else 1). This is the diagonal of
 TracIn (Pruthi et al. 2020) summed over every step of the run rather than a few checkpoints, computed per
 layer. Normalising within each layer before averaging stops the layer with the largest raw norms from
@@ -63,7 +64,7 @@ class StepRecordLike(Protocol):
     @property
     def weights(self) -> np.ndarray | None: ...
     @property
-    def losses(self) -> np.ndarray: ...
+    def losses(self) -> np.ndarray | None: ...
     @property
     def margins(self) -> np.ndarray | None: ...
     @property
@@ -79,10 +80,10 @@ class ExampleScore:
     layer_scores: dict[str, float]
     trajectory: tuple[float, ...]  # per epoch (``MemorizationResult.epochs``); sums to ``score``
     category: str  # one of CLASSES
-    mean_loss: float
+    mean_loss: float | None  # None when no record carried losses
     aum: float | None
     rank: int  # 1 = highest self-influence
-    loss_rank: int  # 1 = highest mean loss
+    loss_rank: int | None  # 1 = highest mean loss
     aum_rank: int | None  # 1 = lowest AUM
     steps: int  # records that contained the example
 
@@ -215,13 +216,14 @@ def rank_memorization(
             raise ValueError(f"{where}: weights shape {weights.shape}, expected {(b, n_layers)}")
         clip = getattr(rec, "clip_factors", None)
         scale = np.ones(b) if clip is None else np.asarray(clip, np.float64)
-        losses = np.asarray(rec.losses, dtype=np.float64)
+        losses = np.full(b, np.nan) if rec.losses is None else np.asarray(rec.losses, dtype=np.float64)
         if losses.shape != (b,) or scale.shape != (b,):
             raise ValueError(f"{where}: losses / clip_factors must have shape {(b,)}")
         margins = None if rec.margins is None else np.asarray(rec.margins, dtype=np.float64)
         if margins is not None and margins.shape != (b,):
             raise ValueError(f"{where}: margins shape {margins.shape}, expected {(b,)}")
-        energy = lr[None, :] * weights * scale[:, None] * norms**2
+        # NaN lr = a layer the optimizer does not train (tracker contract): it exerts no influence.
+        energy = np.nan_to_num(lr, nan=0.0)[None, :] * weights * scale[:, None] * norms**2
         bad = ~np.isfinite(energy)
         nonfinite += int(bad[:, cols].sum())
         energy[bad] = 0.0  # NaN/Inf norms are legal records but carry no usable magnitude: counted, skipped
@@ -258,8 +260,11 @@ def rank_memorization(
     layer_mean = total.mean(0)
     norm = np.where(layer_mean > 0, layer_mean, 1.0)
     per_layer = total / norm  # S[i, l]
-    score = per_layer.mean(1)
-    traj = (energy_e / norm[None, None, :]).mean(2)  # [N, E], sums over E to score
+    trained = layer_mean > 0  # a layer with no energy at all (never trained) is left out of the mean
+    if not trained.any():
+        raise ValueError("every layer has zero recorded energy (lr, weights or norms all zero)")
+    score = per_layer[:, trained].mean(1)
+    traj = (energy_e[:, :, trained] / norm[None, None, trained]).mean(2)  # [N, E], sums over E to score
     mean_loss = np.divide(loss_sum, loss_cnt, out=np.full(n, np.nan), where=loss_cnt > 0)
     late_loss = np.divide(late_sum, late_cnt, out=np.full(n, np.nan), where=late_cnt > 0)
     has_margin = margin_cnt > 0
@@ -274,7 +279,8 @@ def rank_memorization(
     for e, i in index.items():
         ids[i] = e
     rank = descending_ranks(score)
-    loss_rank = descending_ranks(np.nan_to_num(mean_loss, nan=-np.inf))
+    has_loss = np.isfinite(mean_loss).any()
+    loss_rank = descending_ranks(np.nan_to_num(mean_loss, nan=-np.inf)) if has_loss else None
     aum_rank = None if aum is None else descending_ranks(np.nan_to_num(-aum, nan=-np.inf))
     steps_per = np.zeros(n, dtype=np.int64)
     for idx, *_ in parts:
@@ -287,17 +293,19 @@ def rank_memorization(
             layer_scores={name: float(per_layer[i, j]) for j, name in enumerate(used_layers)},
             trajectory=tuple(float(v) for v in traj[i]),
             category=cats[i],
-            mean_loss=float(mean_loss[i]),
+            mean_loss=float(mean_loss[i]) if np.isfinite(mean_loss[i]) else None,
             aum=None if aum is None or not np.isfinite(aum[i]) else float(aum[i]),
             rank=int(rank[i]),
-            loss_rank=int(loss_rank[i]),
+            loss_rank=None if loss_rank is None else int(loss_rank[i]),
             aum_rank=None if aum_rank is None else int(aum_rank[i]),
             steps=int(steps_per[i]),
         )
         for i in range(n)
     ]
     rows.sort(key=lambda r: (r.rank, r.example_id))
-    arrays = {"self_influence": score, "mean_loss": np.nan_to_num(mean_loss, nan=0.0)}
+    arrays = {"self_influence": score}
+    if has_loss:
+        arrays["mean_loss"] = np.nan_to_num(mean_loss, nan=0.0)
     if aum is not None:
         arrays["aum"] = -np.nan_to_num(aum, nan=0.0)
     layer_total = total.sum(0)
@@ -312,6 +320,7 @@ def rank_memorization(
         },
         "classes": {c: cats.count(c) for c in CLASSES},
         "nonfinite_norms_skipped": nonfinite,
+        "layers_without_energy": [name for j, name in enumerate(used_layers) if not trained[j]],
         "classification": class_info,
         "score": "whole-run per-layer self-influence: sum lr*w*c*norm^2, divided by the layer mean, averaged over layers",
         "baselines": [b for b in BASELINES if b in arrays and b != "self_influence"],

@@ -147,6 +147,21 @@ def test_missing_margins_leave_aum_out():
     assert all(r.aum is None and r.aum_rank is None for r in res.rows)
 
 
+def test_missing_losses_and_untrained_layers():
+    recs = _hand_records()
+    for r in recs:
+        r.losses = None
+        r.lr = np.array([np.nan, 0.1], np.float32)  # layer l0 not in the optimizer
+    res = rank_memorization(recs)
+    assert "mean_loss" not in res.arrays and all(
+        r.mean_loss is None and r.loss_rank is None for r in res.rows
+    )
+    assert res.summary["layers_without_energy"] == ["l0"]
+    for r in res.rows:
+        assert r.layer_scores["l0"] == 0.0 and r.score == pytest.approx(r.layer_scores["l1"], rel=1e-12)
+    json.dumps(res.to_dict())
+
+
 def test_metrics_against_definitions():
     labels = np.array([1, 0, 1, 0, 0], bool)
     scores = np.array([0.9, 0.8, 0.3, 0.1, 0.3])
