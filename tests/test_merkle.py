@@ -459,3 +459,23 @@ def test_differential_against_naive_oracle(leaves: list[bytes], data: st.DataObj
             bad = list(proof)
             bad[k] = _flip(bad[k], data.draw(st.integers(0, 31)), data.draw(st.integers(0, 7)))
             assert not merkle.verify_consistency(m, nn, bad, r1, r2)
+
+
+def test_benchmark_quick_mode_runs() -> None:
+    """benchmarks/merkle_bench.py --quick runs and reports O(log n) store reads per proof."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, str(repo / "benchmarks" / "merkle_bench.py"), "--quick", "--json"],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=repo,
+        timeout=120,
+    )
+    r = json.loads(out.stdout)
+    depth = (r["leaves"] - 1).bit_length()
+    assert r["leaves"] == 20_000 and r["root_vs_raw_ratio"] > 0
+    assert r["inclusion_reads_max"] <= 2 * depth and r["consistency_reads_max"] <= 3 * depth
