@@ -308,3 +308,41 @@ def planted_domains(
     flipped[in_dom[mask_dom]] = True
     data = DigitsData(x_tr.astype(np.float32), raw.y_train, x_te.astype(np.float32), raw.y_test, raw.ids)
     return PlantedDomains(data, y, flipped, [str(d) for d in dom_tr], [str(d) for d in dom_te])
+
+
+def train_tracked(
+    x: np.ndarray,
+    y: np.ndarray,
+    ids: list[str],
+    *,
+    ledger: object,
+    run: str,
+    seed: int = 0,
+    epochs: int = 40,
+    batch_size: int = 128,
+    lr: float = 0.5,
+    momentum: float = 0.0,
+) -> nn.Module:
+    """The loop of :func:`train` (same init, batches and optimiser) through ``instrument.attach``, so the
+    step records land in ``ledger`` and come back through ``ledger.steps(run)``."""
+    from instrument import attach
+
+    model = make_mlp(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    crit = nn.CrossEntropyLoss()
+    tracker = attach(model, opt, ledger=ledger, run=run, criterion=crit, seed=seed)
+    xt = torch.as_tensor(x, dtype=torch.float32)
+    yt = torch.as_tensor(y, dtype=torch.int64)
+    gen = torch.Generator().manual_seed(seed + 1)
+    for epoch in range(epochs):
+        tracker.epoch(epoch)
+        perm = torch.randperm(len(yt), generator=gen)
+        for start in range(0, len(yt), batch_size):
+            idx = perm[start : start + batch_size]
+            with tracker.batch([ids[i] for i in idx.tolist()]):
+                loss = crit(model(xt[idx]), yt[idx])
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+    tracker.close()
+    return model
