@@ -21,6 +21,7 @@ def _register() -> None:
         cli_demo,
         cli_ingest,  # noqa: F401
         cli_ledger,
+        cli_query,
     )
 
 

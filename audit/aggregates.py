@@ -1,0 +1,583 @@
+"""Query aggregates: per-run, per-example, per-layer contribution sums kept in the step's append transaction.
+
+Metrics (float64), for example i, layer l, summed over the sample-steps (steps in which i was in the batch):
+
+* ``update``         = Σ lr_l · w_il · c_i · ‖g_il‖ / d_i
+* ``self_influence`` = Σ lr_l · ‖g_il‖²   (TracIn self-influence restricted to layer l)
+* ``weight``         = Σ w_il             (the mean routing weight is weight / count)
+* ``count``          = number of sample-steps (per example, all layers)
+
+``‖g_il‖`` is the recorded per-sample norm (``grad_norms``: the gradient of the sample's *own* loss, Opacus
+scaling), ``w_il`` the routing weight applied (``weights``), ``c_i`` the DP clipping factor (``clip``; 1 without
+DP), ``lr_l`` the layer's learning rate at that step. ``d_i`` is the loss-reduction divisor: under
+``loss_reduction="mean"`` the batch gradient is ``(1/b) Σ_i w_il c_i g_il`` over the ``tracker.batch`` context
+(micro-batch) of size ``b`` that sample i was in, so ``d_i = b`` (= B, the step's batch size, without gradient
+accumulation); under ``"sum"`` ``d_i = 1``. So ``update`` is the norm of the sample's term in the SGD step
+``lr · grad`` (for adaptive optimisers it is that SGD-equivalent quantity, not the preconditioned step).
+A contribution that is not finite (NaN/Inf norm, or a layer with no learning rate) is left out of both sums
+and counted per layer as ``excluded``; the weight and count still include that sample-step.
+
+Storage layout, chosen by measurement (BENCHMARKS.md, "Query aggregates"). Updating one row per (run,
+example) on every step is a random write per sample: measured 53 ms per B=256 step on a 1M-example SQLite
+ledger (each touches its own 64 KiB page), so every per-step write here is append-only:
+
+* ``qa_steps``: one row per step: the batch's example indices, the per-sample norms transposed to
+  layer-major ``f4[L, B]`` (so one layer is a contiguous slice), the distinct routing-weight rows with a
+  per-sample row index, ``c_i / d_i`` and ``lr``. Epoch-range queries and one label's profile read these.
+* ``qa_base``: whole-run totals folded from ``qa_steps``: one ``f8[N]`` array per (run, metric, layer) over
+  the run's dense example indices (``qa_examples``). A fold runs inside the append transaction of the step that
+  brings the unfolded sample-steps to at least max(FOLD_MIN_SAMPLES, FOLD_EPOCHS x examples seen): it rewrites
+  O(N) bytes once per ~2N sample-steps (about every second epoch), so its cost per sample-step is constant, and
+  a whole-run query reads N values per metric plus at most ~2N unfolded sample-steps (one layer's slice).
+
+Exactness: ``apply`` processes entries one at a time in seq order and a fold's trigger depends only on the
+entries, so ``verify --deep`` (rebuild from the entries in chunks) repeats the same float operations in the same
+order and the tables compare bit for bit (``float_rtol = 0``). Step entries that are not tracker steps (no
+``grad_norms``/``weights`` payloads, wrong shapes, v != 1) are skipped, deterministically.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Connection,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    select,
+    update,
+)
+
+from ledger import indexers
+
+NAME = "query_aggregates"
+METRICS = ("update", "self_influence", "weight")
+COUNT_LAYER = -1  # qa_base rows with metric "count" hold per-example sample-step counts
+FOLD_MIN_SAMPLES = 65536
+FOLD_EPOCHS = 2  # fold when the unfolded sample-steps reach FOLD_EPOCHS x the examples seen
+_IN_CHUNK = 500
+
+_md = MetaData()
+_Key = BigInteger().with_variant(Integer(), "sqlite")
+
+runs = Table(
+    "qa_runs",
+    _md,
+    Column("run_seq", _Key, primary_key=True, autoincrement=False),
+    Column("run", Text, nullable=False),
+    Column("manifest_seq", BigInteger, nullable=True),
+    Column("policy_seq", BigInteger, nullable=True),
+    Column("loss_reduction", String(8), nullable=False),
+    Column("layers", Text, nullable=False),  # JSON list of layer names
+    Column("n_examples", BigInteger, nullable=False),
+    Column("n_steps", BigInteger, nullable=False),
+    Column("n_samples", BigInteger, nullable=False),  # sample-steps
+    Column("folded_through", BigInteger, nullable=False),  # steps with seq <= this are in qa_base
+    Column("folded_samples", BigInteger, nullable=False),
+    Column("folded_excluded", Text, nullable=False),  # JSON list [L]: non-finite contributions folded
+    Column("assigned_seq", BigInteger, nullable=False),  # last entry that added examples (cache check)
+    Column("leaf_hash", LargeBinary, nullable=False),  # the run entry's leaf hash (cache key)
+    Index("ix_qa_runs_run", "run"),
+)
+
+examples = Table(  # one row per entry that met new examples: ids[k] has index first_idx + k
+    "qa_examples",
+    _md,
+    Column("run_seq", _Key, primary_key=True, autoincrement=False),
+    Column("first_idx", Integer, primary_key=True, autoincrement=False),
+    Column("n", Integer, nullable=False),
+    Column("ids", Text, nullable=False),  # JSON list of example ids
+)
+
+steps = Table(
+    "qa_steps",
+    _md,
+    Column("run_seq", _Key, primary_key=True, autoincrement=False),
+    Column("seq", _Key, primary_key=True, autoincrement=False),
+    Column("epoch", Integer, nullable=False),
+    Column("step", Integer, nullable=False),
+    Column("idx", LargeBinary, nullable=False),  # <i4 [B] example indices
+    Column("norms", LargeBinary, nullable=False),  # <f4 [L, B] grad norms, layer-major
+    Column("wtab", LargeBinary, nullable=False),  # <f4 [R, L] distinct routing-weight rows
+    Column("wrow", LargeBinary, nullable=False),  # <i4 [B] row of wtab per sample
+    Column("scale", LargeBinary, nullable=False),  # <f8 [B] c_i / d_i
+    Column("lr", LargeBinary, nullable=False),  # <f8 [L] (NaN: no learning rate)
+    Index("ix_qa_steps_epoch", "run_seq", "epoch", "seq"),
+)
+
+base = Table(
+    "qa_base",
+    _md,
+    Column("run_seq", _Key, primary_key=True, autoincrement=False),
+    Column("metric", String(16), primary_key=True),
+    Column("layer", Integer, primary_key=True, autoincrement=False),
+    Column("data", LargeBinary, nullable=False),  # <f8 [n_examples at the last fold]
+)
+
+
+# ----- the arithmetic (one definition, used by folds, queries and label profiles) -----------------------
+
+
+@dataclass
+class StepData:
+    """One ``qa_steps`` row decoded (``norms`` may hold only some layers: ``layers`` says which)."""
+
+    seq: int
+    epoch: int
+    step: int
+    idx: np.ndarray  # [B] int
+    norms: np.ndarray  # [len(layers), B] float32
+    weights: np.ndarray  # [len(layers), B] float32
+    scale: np.ndarray  # [B] float64
+    lr: np.ndarray  # [len(layers)] float64
+
+
+def contributions(sd: StepData) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(update, self_influence, finite mask), each [layers, B] float64; non-finite entries set to 0."""
+    n = sd.norms.astype(np.float64)
+    lr = sd.lr[:, None]
+    upd = lr * sd.weights.astype(np.float64) * n * sd.scale[None, :]
+    sin = lr * (n * n)
+    ok = np.isfinite(upd) & np.isfinite(sin)
+    if not ok.all():
+        upd = np.where(ok, upd, 0.0)
+        sin = np.where(ok, sin, 0.0)
+    return upd, sin, ok
+
+
+def decode_step(row: Any, n_layers: int, sel: Sequence[int] | None = None) -> StepData:
+    """Decode a (seq, epoch, step, idx, norms, wtab, wrow, scale, lr) row for the layers ``sel`` (default all).
+
+    ``norms`` may be the whole ``f4[L, B]`` blob or, when the query sliced it in SQL, only the rows of ``sel``.
+    """
+    seq, epoch, step, idx_b, norms_b, wtab_b, wrow_b, scale_b, lr_b = row
+    idx = np.frombuffer(idx_b, "<i4")
+    b = idx.size
+    sel = list(range(n_layers)) if sel is None else list(sel)
+    norms = np.frombuffer(norms_b, "<f4").reshape(-1, b)
+    if norms.shape[0] == n_layers and len(sel) != n_layers:
+        norms = norms[sel]
+    wtab = np.frombuffer(wtab_b, "<f4").reshape(-1, n_layers)
+    wrow = np.frombuffer(wrow_b, "<i4")
+    lr = np.frombuffer(lr_b, "<f8")[sel]
+    return StepData(
+        int(seq), int(epoch), int(step), idx, norms, wtab[:, sel][wrow].T, np.frombuffer(scale_b, "<f8"), lr
+    )
+
+
+STEP_COLUMNS = (
+    steps.c.seq,
+    steps.c.epoch,
+    steps.c.step,
+    steps.c.idx,
+    steps.c.norms,
+    steps.c.wtab,
+    steps.c.wrow,
+    steps.c.scale,
+    steps.c.lr,
+)
+
+
+@dataclass
+class Sums:
+    """Per-example sums for some layers: arrays [len(layers), N] (count: [N]); excluded: [len(layers)]."""
+
+    update: np.ndarray
+    self_influence: np.ndarray
+    weight: np.ndarray
+    count: np.ndarray
+    excluded: np.ndarray
+    samples: int
+
+    def metric(self, name: str) -> np.ndarray:
+        return {"update": self.update, "self_influence": self.self_influence, "weight": self.weight}[name]
+
+
+def sum_steps(rows: Iterable[StepData], n_examples: int, n_sel: int) -> Sums:
+    """Per-example sums over decoded steps, accumulated with one ``bincount`` per layer (input order)."""
+    idxs, upds, sins, ws, oks = [], [], [], [], []
+    for sd in rows:
+        u, s, ok = contributions(sd)
+        idxs.append(sd.idx)
+        upds.append(u)
+        sins.append(s)
+        ws.append(sd.weights)
+        oks.append(ok)
+    out = Sums(
+        np.zeros((n_sel, n_examples)),
+        np.zeros((n_sel, n_examples)),
+        np.zeros((n_sel, n_examples)),
+        np.zeros(n_examples),
+        np.zeros(n_sel, dtype=np.int64),
+        0,
+    )
+    if not idxs:
+        return out
+    idx = np.concatenate(idxs)
+    out.samples = int(idx.size)
+    out.count = np.bincount(idx, minlength=n_examples).astype(np.float64)
+    for j in range(n_sel):
+        out.update[j] = np.bincount(idx, np.concatenate([u[j] for u in upds]), n_examples)
+        out.self_influence[j] = np.bincount(idx, np.concatenate([s[j] for s in sins]), n_examples)
+        out.weight[j] = np.bincount(idx, np.concatenate([w[j] for w in ws]).astype(np.float64), n_examples)
+        out.excluded[j] = sum(int((~ok[j]).sum()) for ok in oks)
+    return out
+
+
+def _distinct_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct rows in first-seen order, row index per sample): routing weights take few distinct rows."""
+    seen: dict[bytes, int] = {}
+    rows = np.empty(w.shape[0], dtype=np.int64)
+    for i in range(w.shape[0]):
+        rows[i] = seen.setdefault(w[i].tobytes(), len(seen))
+    first = np.empty(len(seen), dtype=np.int64)
+    first[rows[::-1]] = np.arange(w.shape[0] - 1, -1, -1)
+    return w[first], rows
+
+
+def _pad(a: np.ndarray, n: int) -> np.ndarray:
+    return a if a.size == n else np.concatenate([a, np.zeros(n - a.size)])
+
+
+@dataclass
+class _IdCache:
+    ids: dict[str, int]
+    n: int  # -1: not trusted across calls
+    assigned_seq: int
+
+
+_ID_CACHE: dict[bytes, _IdCache] = {}
+_ID_CACHE_RUNS = 4
+
+
+# ----- the indexer --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    run_seq: int
+    layers: list[str]
+    loss_reduction: str
+    n_examples: int
+    n_steps: int
+    n_samples: int
+    folded_through: int
+    folded_samples: int
+    assigned_seq: int
+    leaf_hash: bytes
+    dirty: bool = False
+
+
+class QueryAggregates:
+    """Implements ``ledger.indexers.Indexer`` for the ``query`` commands (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.name = NAME
+        self.kinds = frozenset({"run", "step"})
+        self.tables: Sequence[Table] = (runs, examples, steps, base)
+        self.float_rtol = 0.0  # rebuilds repeat the same float operations in the same order: bit-exact
+
+    def apply(self, conn: Connection, entries: Sequence[Any]) -> None:
+        cache: dict[int, _Run] = {}
+        pending: list[dict[str, Any]] = []
+        for e in entries:
+            if e.kind == "run":
+                self._add_run(conn, e, cache)
+            elif e.kind == "step":
+                self._add_step(conn, e, cache, pending)
+        self._flush(conn, cache, pending)
+
+    # -- run entries -----------------------------------------------------------------------------------
+    def _add_run(self, conn: Connection, e: Any, cache: dict[int, _Run]) -> None:
+        b = e.body
+        try:
+            layers = [str(layer["name"]) for layer in b["architecture"]["layers"]]
+            name = str(b["run"])
+        except (KeyError, TypeError):
+            return
+        red = b.get("loss_reduction") if b.get("loss_reduction") in ("mean", "sum") else "mean"
+        conn.execute(
+            runs.insert(),
+            [
+                {
+                    "run_seq": e.seq,
+                    "run": name,
+                    "manifest_seq": _int_or_none(b.get("manifest_seq")),
+                    "policy_seq": _int_or_none(b.get("policy_seq")),
+                    "loss_reduction": red,
+                    "layers": json.dumps(layers),
+                    "n_examples": 0,
+                    "n_steps": 0,
+                    "n_samples": 0,
+                    "folded_through": -1,
+                    "folded_samples": 0,
+                    "folded_excluded": json.dumps([0] * len(layers)),
+                    "assigned_seq": -1,
+                    "leaf_hash": e.leaf_hash,
+                }
+            ],
+        )
+        cache[e.seq] = _Run(e.seq, layers, red, 0, 0, 0, -1, 0, -1, e.leaf_hash)
+
+    def _run(self, conn: Connection, run_seq: int, cache: dict[int, _Run]) -> _Run | None:
+        r = cache.get(run_seq)
+        if r is None:
+            row = conn.execute(
+                select(
+                    runs.c.layers,
+                    runs.c.loss_reduction,
+                    runs.c.n_examples,
+                    runs.c.n_steps,
+                    runs.c.n_samples,
+                    runs.c.folded_through,
+                    runs.c.folded_samples,
+                    runs.c.assigned_seq,
+                    runs.c.leaf_hash,
+                ).where(runs.c.run_seq == run_seq)
+            ).first()
+            if row is None:
+                return None
+            n_ex, n_st, n_sa, f_th, f_sa, a_seq = (int(x) for x in row[2:8])
+            r = cache[run_seq] = _Run(
+                run_seq, json.loads(row[0]), row[1], n_ex, n_st, n_sa, f_th, f_sa, a_seq, bytes(row[8])
+            )
+        return r
+
+    # -- step entries ----------------------------------------------------------------------------------
+    def _add_step(
+        self, conn: Connection, e: Any, cache: dict[int, _Run], pending: list[dict[str, Any]]
+    ) -> None:
+        parsed = _parse_step(e)
+        if parsed is None:
+            return
+        run_seq, ids, layer_names, norms, weights, scale_clip, lr, mb, epoch, step = parsed
+        r = self._run(conn, run_seq, cache)
+        if r is None or layer_names != r.layers:
+            return
+        b = len(ids)
+        # d_i: the size of sample i's micro-batch under a mean-reduced loss, 1 under sum
+        d = np.repeat(np.asarray(mb, dtype=np.float64), mb) if r.loss_reduction == "mean" else np.ones(b)
+        scale = scale_clip / d
+        idx = self._indices(conn, r, ids, e.seq)
+        wtab, wrow = _distinct_rows(weights)
+        pending.append(
+            {
+                "run_seq": run_seq,
+                "seq": e.seq,
+                "epoch": epoch,
+                "step": step,
+                "idx": idx.astype("<i4").tobytes(),
+                "norms": np.ascontiguousarray(norms.T, dtype="<f4").tobytes(),
+                "wtab": np.ascontiguousarray(wtab, dtype="<f4").tobytes(),
+                "wrow": wrow.reshape(-1).astype("<i4").tobytes(),
+                "scale": scale.astype("<f8").tobytes(),
+                "lr": lr.astype("<f8").tobytes(),
+            }
+        )
+        r.n_steps += 1
+        r.n_samples += b
+        r.dirty = True
+        if r.n_samples - r.folded_samples >= max(FOLD_MIN_SAMPLES, FOLD_EPOCHS * r.n_examples):
+            self._flush(conn, cache, pending)
+            self._fold(conn, r, e.seq)
+
+    def _indices(self, conn: Connection, r: _Run, ids: list[str], seq: int) -> np.ndarray:
+        """Dense per-run example indices, assigned in first-seen order (new ids are inserted now).
+
+        The id -> index map of a run is cached in-process (a lookup of B ids costs ~10 ms through the database
+        at B=256). The cache is keyed by the run entry's leaf hash and trusted only while the stored
+        (n_examples, assigned_seq) equal the cached ones, so another writer's additions or a rolled-back
+        append empty it; it is then reloaded from ``qa_examples`` once.
+        """
+        key = r.leaf_hash
+        c = _ID_CACHE.get(key)
+        if c is None or (c.n, c.assigned_seq) != (r.n_examples, r.assigned_seq):
+            c = _IdCache(
+                {x: i for i, x in enumerate(load_ids(conn, r.run_seq))}, r.n_examples, r.assigned_seq
+            )
+            if len(c.ids) != r.n_examples:  # a damaged table: do not cache it
+                c = _IdCache(c.ids, -1, -1)
+            else:
+                _ID_CACHE.pop(key, None)
+                while len(_ID_CACHE) >= _ID_CACHE_RUNS:
+                    _ID_CACHE.pop(next(iter(_ID_CACHE)))
+                _ID_CACHE[key] = c
+        known = c.ids
+        new: list[str] = []
+        first = r.n_examples
+        for ex in ids:
+            if ex not in known:
+                known[ex] = r.n_examples
+                new.append(ex)
+                r.n_examples += 1
+        if new:
+            conn.execute(
+                examples.insert(),
+                [{"run_seq": r.run_seq, "first_idx": first, "n": len(new), "ids": json.dumps(new)}],
+            )
+            r.assigned_seq = seq
+            r.dirty = True
+        if c.n >= 0:
+            c.n, c.assigned_seq = r.n_examples, r.assigned_seq
+        return np.fromiter((known[ex] for ex in ids), dtype=np.int64, count=len(ids))
+
+    def _flush(self, conn: Connection, cache: dict[int, _Run], pending: list[dict[str, Any]]) -> None:
+        if pending:
+            conn.execute(steps.insert(), pending)
+            pending.clear()
+        for r in cache.values():
+            if r.dirty:
+                conn.execute(
+                    update(runs)
+                    .where(runs.c.run_seq == r.run_seq)
+                    .values(
+                        n_examples=r.n_examples,
+                        n_steps=r.n_steps,
+                        n_samples=r.n_samples,
+                        assigned_seq=r.assigned_seq,
+                    )
+                )
+                r.dirty = False
+
+    def _fold(self, conn: Connection, r: _Run, through: int) -> None:
+        """Add every unfolded step of the run (seq <= ``through``) into ``qa_base``."""
+        n_l = len(r.layers)
+        q = (
+            select(*STEP_COLUMNS)
+            .where(steps.c.run_seq == r.run_seq, steps.c.seq > r.folded_through, steps.c.seq <= through)
+            .order_by(steps.c.seq)
+        )
+        sums = sum_steps((decode_step(row, n_l) for row in conn.execute(q)), r.n_examples, n_l)
+        old = {
+            (m, int(layer)): np.frombuffer(data, "<f8")
+            for m, layer, data in conn.execute(
+                select(base.c.metric, base.c.layer, base.c.data).where(base.c.run_seq == r.run_seq)
+            )
+        }
+        rows = []
+        for m in METRICS:
+            arr = sums.metric(m)
+            for j in range(n_l):
+                rows.append((m, j, arr[j]))
+        rows.append(("count", COUNT_LAYER, sums.count))
+        conn.execute(base.delete().where(base.c.run_seq == r.run_seq))
+        conn.execute(
+            base.insert(),
+            [
+                {
+                    "run_seq": r.run_seq,
+                    "metric": m,
+                    "layer": j,
+                    "data": (_pad(old[(m, j)], r.n_examples) + a if (m, j) in old else a)
+                    .astype("<f8")
+                    .tobytes(),
+                }
+                for m, j, a in rows
+            ],
+        )
+        prev = json.loads(
+            conn.execute(select(runs.c.folded_excluded).where(runs.c.run_seq == r.run_seq)).scalar_one()
+        )
+        excluded = [int(a) + int(b) for a, b in zip(prev, sums.excluded.tolist(), strict=True)]
+        r.folded_through = through
+        r.folded_samples = r.n_samples
+        conn.execute(
+            update(runs)
+            .where(runs.c.run_seq == r.run_seq)
+            .values(folded_through=through, folded_samples=r.n_samples, folded_excluded=json.dumps(excluded))
+        )
+
+
+def load_ids(conn: Connection, run_seq: int) -> list[str]:
+    """Every example id of the run, in index order."""
+    out: list[str] = []
+    q = select(examples.c.first_idx, examples.c.ids).where(examples.c.run_seq == run_seq)
+    for first, ids in conn.execute(q.order_by(examples.c.first_idx)):
+        if first != len(out):
+            break  # a gap: a damaged table (verify --deep reports it); stop at what is contiguous
+        out.extend(json.loads(ids))
+    return out
+
+
+def ids_at(conn: Connection, run_seq: int, idx: Iterable[int]) -> dict[int, str]:
+    """The example ids of a few indices (one indexed lookup each)."""
+    out: dict[int, str] = {}
+    for i in idx:
+        q = (
+            select(examples.c.first_idx, examples.c.ids)
+            .where(examples.c.run_seq == run_seq, examples.c.first_idx <= int(i))
+            .order_by(examples.c.first_idx.desc())
+            .limit(1)
+        )
+        row = conn.execute(q).first()
+        if row is not None:
+            ids = json.loads(row[1])
+            k = int(i) - int(row[0])
+            if 0 <= k < len(ids):
+                out[int(i)] = str(ids[k])
+    return out
+
+
+def _int_or_none(x: Any) -> int | None:
+    return int(x) if isinstance(x, int) and not isinstance(x, bool) else None
+
+
+def _parse_step(e: Any) -> tuple[Any, ...] | None:
+    """The fields a tracker step carries, or None for a step entry that is not one (skipped)."""
+    if e.v != 1:
+        return None
+    b = e.body
+    try:
+        run_seq = b["run_seq"]
+        ids = b["example_ids"]
+        layers = b["layers"]
+        lr_raw = b["lr"]
+        epoch = b["epoch"]
+        step = b["step"]
+        mb = b.get("micro_batches") or [len(ids)]
+    except (KeyError, TypeError):
+        return None
+    if not (isinstance(run_seq, int) and isinstance(ids, list) and isinstance(layers, list)):
+        return None
+    if not (isinstance(epoch, int) and isinstance(step, int) and isinstance(lr_raw, list)):
+        return None
+    pl = e.payloads
+    norms, weights = pl.get("grad_norms"), pl.get("weights")
+    b_, n_l = len(ids), len(layers)
+    if norms is None or weights is None or norms.shape != (b_, n_l) or weights.shape != (b_, n_l):
+        return None
+    if b_ == 0 or len(lr_raw) != n_l or sum(mb) != b_ or any(not isinstance(x, int) or x <= 0 for x in mb):
+        return None
+    clip = pl.get("clip")
+    if clip is not None and clip.shape != (b_,):
+        return None
+    lr = np.array(
+        [np.nan if not isinstance(x, int | float) or isinstance(x, bool) else x for x in lr_raw], float
+    )
+    scale = np.ones(b_) if clip is None else clip.astype(np.float64)
+    return (
+        run_seq,
+        [str(i) for i in ids],
+        [str(n) for n in layers],
+        norms,
+        weights,
+        scale,
+        lr,
+        mb,
+        epoch,
+        step,
+    )
+
+
+INDEXER = indexers.register(QueryAggregates())
