@@ -33,7 +33,7 @@ PUBLIC_KEY_FILE = "ledger.pub"
 VERIFIER_KEY_FILE = "ledger.vkey"
 DEFAULT_KEY_NAME = "gradledger"
 
-_VKEY_RE = re.compile(r"^([^+\s]+)\+([0-9a-f]{8})\+([A-Za-z0-9+/]+={0,2})$")
+_VKEY_RE = re.compile(r"^([^+\s]+)\+([0-9a-fA-F]{8})\+([A-Za-z0-9+/]+={0,2})$")
 
 
 class KeyFormatError(LedgerInputError, ValueError):
@@ -115,7 +115,7 @@ def parse_verifier_key(line: str, source: str = "verifier key") -> VerifierKey:
         raise KeyFormatError(f"{source}: key base64 is not in canonical form")
     check_key_name(name)
     vk = VerifierKey(name, Ed25519PublicKey.from_public_bytes(blob[1:]))
-    if vk.key_id.hex() != hex_id:
+    if vk.key_id.hex() != hex_id.lower():
         raise KeyFormatError(
             f"{source}: key id {hex_id} does not match the name and key (want {vk.key_id.hex()})"
         )

@@ -59,6 +59,9 @@ def test_go_vector_key_encoding_and_key_id() -> None:
     assert keys.key_id("PeterNeumann", sk.public_key()).hex() == "c74f20a3"
     vk = keys.parse_verifier_key(GO["verifier_key"])
     assert vk.name == "PeterNeumann" and vk.key_id.hex() == "c74f20a3" and vk.line == GO["verifier_key"]
+    assert (
+        keys.parse_verifier_key(GO["verifier_key"].replace("c74f20a3", "C74F20A3")).line == GO["verifier_key"]
+    )
     # EnochRoot's published key is the all-zero seed: checks the whole derivation end to end.
     zero = Ed25519PrivateKey.from_private_bytes(bytes(32))
     assert keys.verifier_key_line("EnochRoot", zero.public_key()) == GO["enoch_verifier_key"]
