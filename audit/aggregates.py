@@ -33,7 +33,8 @@ ledger (each touches its own 64 KiB page), so every per-step write here is appen
 Exactness: ``apply`` processes entries one at a time in seq order and a fold's trigger depends only on the
 entries, so ``verify --deep`` (rebuild from the entries in chunks) repeats the same float operations in the same
 order and the tables compare bit for bit (``float_rtol = 0``). Step entries that are not tracker steps (no
-``grad_norms``/``weights`` payloads, wrong shapes, v != 1) are skipped, deterministically.
+``grad_norms``/``weights`` payloads, wrong shapes, a run or layer list the ``run`` entry does not have) are
+skipped, deterministically.
 """
 
 from __future__ import annotations
@@ -535,8 +536,6 @@ def _int_or_none(x: Any) -> int | None:
 
 def _parse_step(e: Any) -> tuple[Any, ...] | None:
     """The fields a tracker step carries, or None for a step entry that is not one (skipped)."""
-    if e.v != 1:
-        return None
     b = e.body
     try:
         run_seq = b["run_seq"]
