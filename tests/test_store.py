@@ -208,7 +208,7 @@ def test_indexer_atomic_with_append_and_deep_verify_catches_edits(url: str, labe
         with led.engine.connect() as c:
             assert sorted(c.execute(select(label_sums)).all()) == rows
         good = led.verify(deep=True)
-        assert good.ok and good.indexers_checked == ["test_label_sums"], good.reason
+        assert good.ok and "test_label_sums" in good.indexers_checked, good.reason
         with led.engine.begin() as c:
             c.execute(text("UPDATE test_label_sums SET total = 4.75 WHERE label = 'cat'"))
         plain = led.verify()
