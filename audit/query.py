@@ -241,7 +241,6 @@ def _sums(conn: Connection, info: _RunInfo, sel: Sequence[int], epochs: tuple[in
             target = tail.metric(metric)
             target[pos[int(layer)]] = arr + target[pos[int(layer)]]
     tail.excluded = tail.excluded + np.array([info.folded_excluded[j] for j in sel], dtype=np.int64)
-    tail.samples += 0  # sample-steps of the folded part are counted from ``count`` below
     tail.samples = int(tail.count.sum())
     return tail
 

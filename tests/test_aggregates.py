@@ -214,3 +214,19 @@ def test_postgresql_run_equals_brute_force(pg_url: str, small_folds: None) -> No
     res = led.verify(deep=True)
     assert res.ok and "query_aggregates" in res.indexers_checked, res.reason
     led.close()
+
+
+def test_query_bench_quick_runs(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, str(repo / "benchmarks" / "query_bench.py"), "--quick", "--json", "--dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, check=True, cwd=repo,
+    )  # fmt: skip
+    res = json.loads(out.stdout)
+    assert res["steps"] == 2 * (4096 // 64) and res["folds"] >= 1
+    assert res["append_ms_with_aggregates"] > 0 and res["append_ms_without"] > 0
+    assert len(res["query_ms"]) == 6 and all(v > 0 for v in res["query_ms"].values())
