@@ -76,6 +76,9 @@ class Estimate:
     n: int
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready; an empty domain (n = 0) has null mean and interval rather than NaN."""
+        if self.n == 0:
+            return {"mean": None, "ci": [None, None], "n": 0}
         return {"mean": self.mean, "ci": [self.low, self.high], "n": self.n}
 
 
@@ -96,9 +99,16 @@ class ProfileResult:
     settings: ProbeSettings
     probe_accuracy: dict[str, float] = field(default_factory=dict)  # layer -> out-of-fold accuracy
 
-    def entry_body(self) -> dict[str, Any]:
-        """JSON-ready body for a ``profile`` ledger entry: settings, inputs digest, results."""
+    def entry_body(self, run: str | None = None, data: str | None = None) -> dict[str, Any]:
+        """JSON-ready body for a ``profile`` ledger entry: settings, inputs digest, results; ``run`` and
+        ``data`` (e.g. the evaluated file's name or digest) are recorded when given."""
+        extra: dict[str, Any] = {}
+        if run is not None:
+            extra["run"] = run
+        if data is not None:
+            extra["data"] = data
         return {
+            **extra,
             "settings": self.settings.to_dict(),
             "inputs_digest": self.inputs_digest,
             "layers": self.layers,

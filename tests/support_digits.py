@@ -14,6 +14,7 @@ can be passed in once it exists.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -60,6 +61,17 @@ class DigitsData:
     x_test: np.ndarray
     y_test: np.ndarray
     ids: list[str]  # one id per training example
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch on one thread (reproducible figures, fair on a shared machine), then restore."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def load_data(

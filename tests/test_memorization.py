@@ -187,10 +187,10 @@ def test_closed_form_norms_match_vmap_oracle():
 
 @pytest.fixture(scope="module")
 def uniform_run():
-    torch.set_num_threads(1)
     data = sd.load_data(0, eps=EPS)
     y, mask = sd.flip_uniform(data.y_train, 0.1, seed=0)
-    _, recs = sd.train(data.x_train, y, data.ids, seed=0, **TRAIN)
+    with sd.one_thread():
+        _, recs = sd.train(data.x_train, y, data.ids, seed=0, **TRAIN)
     flipped = {data.ids[i] for i in np.flatnonzero(mask)}
     return data, recs, flipped
 
@@ -226,13 +226,13 @@ def test_early_stopped_run_calls_flipped_unresolved(uniform_run):
 
 
 def test_digits_confusable_flips_meet_target():
-    torch.set_num_threads(1)
     data = sd.load_data(0, eps=EPS)
     pairing = sd.confusable_pairing(data.x_train, data.y_train)
     assert all(pairing[c] != c for c in range(10))
     y, mask = sd.flip_confusable(data.y_train, 0.1, seed=0, pairing=pairing)
     assert np.all(y[mask] == pairing[data.y_train[mask]])
-    _, recs = sd.train(data.x_train, y, data.ids, seed=0, **TRAIN)
+    with sd.one_thread():
+        _, recs = sd.train(data.x_train, y, data.ids, seed=0, **TRAIN)
     res = rank_memorization(recs)
     flipped = {data.ids[i] for i in np.flatnonzero(mask)}
     assert res.evaluate(flipped)["self_influence"]["auroc"] >= 0.97
@@ -259,14 +259,14 @@ def test_ranking_from_the_ledger_matches_the_in_memory_loop(tmp_path):
     in-memory records (closed-form norms) up to float32 recording."""
     from ledger import Ledger
 
-    torch.set_num_threads(1)
     data = sd.load_data(0, eps=EPS)
     y, mask = sd.flip_uniform(data.y_train, 0.1, seed=0)
     cfg = dict(TRAIN, epochs=6)
-    _, mem_recs = sd.train(data.x_train, y, data.ids, seed=0, **cfg)
     led = Ledger.open(tmp_path / "digits.db", create=True)
     try:
-        sd.train_tracked(data.x_train, y, data.ids, ledger=led, run="digits", seed=0, **cfg)
+        with sd.one_thread():
+            _, mem_recs = sd.train(data.x_train, y, data.ids, seed=0, **cfg)
+            sd.train_tracked(data.x_train, y, data.ids, ledger=led, run="digits", seed=0, **cfg)
         from_ledger = rank_memorization(led.steps("digits"))
         n_steps = sum(1 for _ in led.steps("digits"))
     finally:

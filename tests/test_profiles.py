@@ -99,6 +99,12 @@ def test_entropy_profile_orders_domains_and_records_provenance():
     body = prof.entry_body()
     json.dumps(body)  # JSON-ready for a `profile` entry
     assert body["settings"]["folds"] == 5 and len(body["inputs_digest"]) == 64
+    assert body["entropy"]["sharp"]["deep"] == {
+        "mean": deep_sharp.mean,
+        "ci": [deep_sharp.low, deep_sharp.high],
+        "n": 300,
+    }
+    assert prof.entry_body(run="r1", data="held-out.npz")["run"] == "r1"
     acts2 = dict(acts)
     acts2["deep"] = acts["deep"] + 1e-3
     again = entropy_profile(
@@ -116,6 +122,13 @@ def test_unlabelled_examples_are_scored_and_selectable():
     prof = entropy_profile(acts, y, domains, settings=ProbeSettings(n_boot=100, evaluate="unlabelled"))
     assert prof.evaluated.sum() == 100
     assert sum(prof.depth[d].n for d in prof.domains) == 100
+    one_domain = entropy_profile(
+        acts,
+        y,
+        ["seen" if i < 100 else "train-only" for i in range(len(y))],
+        settings=ProbeSettings(n_boot=50, evaluate="unlabelled"),
+    )
+    assert one_domain.entry_body()["depth"]["train-only"] == {"mean": None, "ci": [None, None], "n": 0}
     assert np.all((prof.example_entropy >= 0) & (prof.example_entropy <= 1 + 1e-12))
 
 
@@ -161,9 +174,9 @@ def test_collect_activations_matches_manual_forward():
 
 @pytest.fixture(scope="module")
 def planted():
-    torch.set_num_threads(1)
     p = sd.planted_domains(0, noise_sigma=0.5, flip_fraction=0.3)
-    model, recs = sd.train(p.data.x_train, p.y_assigned, p.data.ids, seed=0, **TRAIN)
+    with sd.one_thread():
+        model, recs = sd.train(p.data.x_train, p.y_assigned, p.data.ids, seed=0, **TRAIN)
     return p, model, recs
 
 
