@@ -211,9 +211,12 @@ def test_projection_is_reproducible_and_checked() -> None:
 
 
 def test_split_k_keeps_small_factors_exact() -> None:
-    assert split_k(128, 512, 513) == (8, 16)
-    assert split_k(512, 10, 65) == (10, 51)  # d_out <= sqrt share: identity on the output side
-    assert split_k(64, 100, 4) == (16, 4)
+    assert split_k(128, 512, 513) == (32, 4)
+    assert split_k(512, 512, 513) == (64, 8)
+    assert split_k(512, 10, 65) == (10, 51)  # d_out fits its share: identity on the output side
+    assert split_k(512, 32, 33) == (32, 16)
+    assert split_k(64, 100, 2) == (32, 2)  # d_in fits: identity on the input side
+    assert split_k(1, 5, 5) == (1, 1)
     with pytest.raises(SketchError):
         split_k(0, 3, 3)
 
