@@ -207,6 +207,14 @@ def linear_grad_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tor
     return torch.stack(cols, dim=1)
 
 
+def instrument_grad_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The same norms from ``instrument.per_sample_grad_norms`` (the production engine), as ``[B, L]``."""
+    from instrument.functional import per_sample_grad_norms
+
+    norms = per_sample_grad_norms(model, nn.functional.cross_entropy, x, y, loss_reduction="mean")
+    return torch.stack([norms[name] for name in param_layers(model)], dim=1)
+
+
 def margins_of(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Assigned logit minus the largest other logit (AUM's margin, Pleiss et al. 2020)."""
     assigned = logits.gather(1, y[:, None]).squeeze(1)

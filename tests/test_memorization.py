@@ -183,6 +183,8 @@ def test_closed_form_norms_match_vmap_oracle():
     oracle = sd.vmap_grad_norms(model, x, y)
     assert fast.shape == (17, 3)
     torch.testing.assert_close(fast, oracle, rtol=1e-10, atol=1e-12)
+    # The production engine is a drop-in norm_fn for the digits loop.
+    torch.testing.assert_close(sd.instrument_grad_norms(model, x, y), oracle, rtol=1e-10, atol=1e-12)
 
 
 @pytest.fixture(scope="module")
