@@ -17,9 +17,9 @@ sums to its score.
 
 Classes (per example; thresholds are arguments). The early window is the first third of the epochs, the
 late window the last third (at least one epoch each):
-- ``unresolved``: late-window mean loss >= ``loss_threshold`` (default ln 2: the assigned label still has
-  probability below one half at the end of training). Its cross-entropy gradient w.r.t. the logits then has
-  norm >= 1 - p >= 1/2, so its energy stays high throughout;
+- ``unresolved``: late-window mean loss >= ``loss_threshold`` (default ln 2: for cross-entropy, the assigned
+  label's geometric-mean probability over the late window is still at most one half). The model never fit
+  the label, so its logit gradient (norm >= 1 - p) stays large from start to end;
 - ``memorised``: late loss below the threshold, and early-window energy >= ``high_ratio`` x the mean example's
   early energy (high early energy, then low late loss: the label was fit only by force);
 - ``easy``: the rest.
