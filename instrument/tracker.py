@@ -40,12 +40,15 @@ How it hooks in, and why this way:
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import hashlib
 import math
 import platform
+import queue
 import sys
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -229,6 +232,80 @@ class _Pending:
     eps: float | None = None
 
 
+class StepWriter:
+    """Appends step entries on a background thread, in order, so the ledger commit (an fsync on SQLite)
+    overlaps the next training step instead of adding to it.
+
+    Each queued step is appended in its own transaction, or several waiting steps in one ``append_many``
+    transaction: a step is always either fully in the ledger or absent. ``flush`` waits until everything
+    queued is committed; an append error is re-raised (chained) by the next ``submit`` / ``flush``. At most
+    ``max_pending`` steps wait (``submit`` blocks beyond that), so a process killed mid-run loses at most
+    that many steps; ``close`` (and interpreter exit) flushes. ``max_pending=0`` appends synchronously.
+    """
+
+    def __init__(self, ledger: Any, max_pending: int = 8) -> None:
+        self.ledger = ledger
+        self.sync = max_pending <= 0
+        self._q: queue.Queue[tuple[str, dict[str, Any], dict[str, np.ndarray]] | None] = queue.Queue(
+            max(max_pending, 1)
+        )
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        if not self.sync:
+            self._thread = threading.Thread(target=self._run, name="gradledger-step-writer", daemon=True)
+            self._thread.start()
+            atexit.register(self._close_at_exit)
+
+    def _run(self) -> None:
+        while True:
+            item = self._q.get()
+            batch = [item]
+            while item is not None and not self._q.empty() and len(batch) < 64:
+                item = self._q.get_nowait()
+                batch.append(item)
+            entries = [e for e in batch if e is not None]
+            try:
+                if entries and self._error is None:
+                    self.ledger.append_many(entries)
+            except BaseException as exc:  # re-raised on the training thread
+                self._error = exc
+            finally:
+                for _ in batch:
+                    self._q.task_done()
+            if batch[-1] is None:
+                return
+
+    def _raise(self) -> None:
+        if self._error is not None:  # sticky: no step may be recorded after a lost one
+            err = self._error
+            raise RuntimeError(f"gradledger: appending a step entry failed: {err}") from err
+
+    def submit(self, kind: str, body: dict[str, Any], payloads: dict[str, np.ndarray]) -> None:
+        if self.sync:
+            self.ledger.append(kind, body, payloads)
+            return
+        self._raise()
+        self._q.put((kind, body, payloads))
+
+    def flush(self) -> None:
+        if not self.sync:
+            self._q.join()
+        self._raise()
+
+    def close(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            self._q.put(None)
+            self._thread.join()
+            atexit.unregister(self._close_at_exit)
+        self._raise()
+
+    def _close_at_exit(self) -> None:
+        try:
+            self.close()
+        except RuntimeError as exc:
+            print(f"gradledger: {exc}", file=sys.stderr)
+
+
 class Tracker:
     """Records one run into a ledger. Build it with :func:`attach`."""
 
@@ -246,6 +323,7 @@ class Tracker:
         seed: int | None = None,
         criterion: nn.Module | None = None,
         update_norms: bool = True,
+        max_pending: int = 8,
     ) -> None:
         from .engine import (
             GradNormEngine,  # written alongside; imported here so `import instrument` stays light
@@ -312,6 +390,7 @@ class Tracker:
         self._handles: list[Any] = []
         self._paused = False
         self._closed = False
+        self.writer = StepWriter(ledger, max_pending)
         self._install()
 
     # ----- run entry ------------------------------------------------------------------------------
@@ -447,6 +526,7 @@ class Tracker:
     def checkpoint(self, tag: str) -> int:
         """Append a ``checkpoint`` entry with per-layer and state-dict sha256 digests; return its seq."""
         self._check_open()
+        self.writer.flush()  # the steps before this checkpoint precede it in the ledger
         body: dict[str, Any] = {
             "run": self.run,
             "run_seq": self.run_seq,
@@ -470,6 +550,7 @@ class Tracker:
         self._check_open()
         if self._open is not None or self._pending.micros:
             raise RuntimeError("tracker.pause: finish the pending optimizer step first")
+        self.writer.flush()
         if not self._paused:
             self._uninstall()
             self.engine.pause()
@@ -493,11 +574,18 @@ class Tracker:
                 stacklevel=2,
             )
             self._pending = _Pending()
-        seq = self.checkpoint(tag)
-        self._uninstall()
-        self.engine.remove()
-        self._closed = True
+        try:
+            seq = self.checkpoint(tag)
+        finally:
+            self._uninstall()
+            self.engine.remove()
+            self._closed = True
+            self.writer.close()
         return seq
+
+    def flush(self) -> None:
+        """Wait until every recorded step is committed to the ledger (raises a failed append's error)."""
+        self.writer.flush()
 
     def __enter__(self) -> Tracker:
         return self
@@ -576,13 +664,17 @@ class Tracker:
             return
         update: list[float] | None = None
         if pending.before is not None:
-            update = []
             with torch.no_grad():
-                for ps, before in zip(self.layer_params, pending.before, strict=True):
-                    sq = 0.0
-                    for p, b in zip(ps, before, strict=True):
-                        sq += float(torch.linalg.vector_norm(b.sub_(p), dtype=torch.float64)) ** 2
-                    update.append(math.sqrt(sq))
+                flat_before = [b for bs in pending.before for b in bs]
+                flat_params = [p.detach() for ps in self.layer_params for p in ps]
+                torch._foreach_sub_(flat_before, flat_params)  # before := before - after, in place
+                sq = (
+                    torch.stack(torch._foreach_norm(flat_before)).double().square().cpu().tolist()
+                )  # one sync
+            update, k = [], 0
+            for ps in self.layer_params:
+                update.append(math.sqrt(math.fsum(sq[k : k + len(ps)])))
+                k += len(ps)
             pending.before = None
         eps = None
         if self.mechanism is not None:
@@ -645,7 +737,7 @@ class Tracker:
                 "sample_rate": self.mechanism.sample_rate,
                 "accountant": cfg.accountant,
             }
-        self.ledger.append("step", body, payloads)
+        self.writer.submit("step", body, payloads)
 
 
 def _run_names(ledger: Any) -> list[str]:
@@ -665,15 +757,17 @@ def attach(
     seed: int | None = None,
     criterion: nn.Module | None = None,
     update_norms: bool = True,
+    max_pending: int = 8,
 ) -> Tracker:
     """Instrument ``model`` / ``optimizer`` and append the ``run`` entry; see the module docstring.
 
     ``labels``: the dataset :class:`ledger.provenance.Manifest` (required with a policy; every example id must be
     in it). ``seed``: recorded in the run entry and, when ``dp.seed`` is unset, used as the DP noise seed
     (gradledger does not seed torch for you). ``criterion``: the loss module the loop calls, for per-sample
-    losses and margins.
+    losses and margins. ``update_norms=False``: skip ``||Δθ_l||`` (saves a transient parameter copy per
+    step). ``max_pending``: steps appended on a background thread (see :class:`StepWriter`); 0 = synchronous.
     """
     return Tracker(
         model, optimizer, ledger=ledger, run=run, policy=policy, labels=labels, loss_reduction=loss_reduction,
-        dp=dp, seed=seed, criterion=criterion, update_norms=update_norms,
+        dp=dp, seed=seed, criterion=criterion, update_norms=update_norms, max_pending=max_pending,
     )  # fmt: skip

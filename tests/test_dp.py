@@ -159,8 +159,8 @@ def test_clipped_gradient_and_clip_factors_equal_opacus_with_zero_noise(tmp_path
             [p.grad_sample.flatten(1).norm(dim=1) for p in ref.parameters()], dim=1
         ).norm(dim=1)
         ref_opt.step()
-        (rec,) = led.steps("dp")
         tr.close()
+        (rec,) = led.steps("dp")
     clip = (C / (per_sample + 1e-6)).clamp(max=1.0)
     assert bool((clip < 1).any()) and bool((clip == 1).any())  # the batch exercises both cases
     np.testing.assert_allclose(rec.clip_factors, clip.numpy(), rtol=1e-6)
@@ -198,8 +198,8 @@ def test_recorded_epsilon_equals_opacus_privacy_engine(tmp_path: Path, kind: str
                 crit(model(x[i : i + 8]), y[i : i + 8]).backward()
                 opt.step()
                 opt.zero_grad()
-        recs = list(led.steps("eps"))
         tr.close()
+        recs = list(led.steps("eps"))
         final = checkpoints(led, "eps")[-1]
         run = run_record(led, "eps")
     assert len(recs) == 4

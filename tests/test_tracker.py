@@ -117,6 +117,7 @@ def test_steps_match_independent_oracles(led: Any) -> None:
             opt.step()
             opt.zero_grad()
         expect.append((ids, norms, losses, margins, update_norms(before, model), step // 2))
+    tr.flush()
     records = list(led.steps("exp-1"))
     assert [r.step for r in records] == [0, 1, 2]
     for rec, (ids, norms, losses, margins, upd, epoch) in zip(records, expect, strict=True):
@@ -204,6 +205,7 @@ def test_gradient_accumulation_makes_one_step_entry(led: Any) -> None:
             crit(model(x[a:b]), y[a:b]).backward()
     opt.step()
     opt.zero_grad()
+    tr.flush()
     recs = list(iter_steps(led, "acc"))
     assert len(recs) == 2 and [r.micro_batches for r in recs] == [[4, 6], [4, 6]]
     assert recs[0].example_ids == [f"e{i}" for i in range(10)] and recs[1].epoch == 1
@@ -257,6 +259,7 @@ def test_pause_costs_nothing_and_resume_continues(led: Any) -> None:
         crit(model(x2), y2).backward()
         opt.step()
         opt.zero_grad()
+    tr.flush()
     assert [r.step for r in led.steps("p")] == [0, 1]
     tr.close()
     assert _hook_count(model, opt, crit) == 0
@@ -312,6 +315,7 @@ def test_mismatched_ids_and_batch_is_a_clear_error(led: Any) -> None:
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
         opt.zero_grad()
+    tr.flush()
     assert [len(r.example_ids) for r in led.steps("bad")] == [4]
     tr.close()
 
@@ -327,6 +331,7 @@ def test_nan_loss_is_recorded_and_flagged_not_crashed(led: Any) -> None:
         crit(model(x), y).backward()
         opt.step()
         opt.zero_grad()
+    tr.flush()
     (rec,) = led.steps("nan")
     assert (
         rec.flags["nan_loss"] == [2]
@@ -431,6 +436,7 @@ def test_policy_routes_each_example_and_the_step_proves_it(led: Any, manifest: A
         opt.zero_grad()
     for k, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), expected[k], rtol=1e-10, atol=1e-12)
+    tr.flush()
     (rec,) = led.steps("routed")
     np.testing.assert_array_equal(rec.weights, np.array([PROVENANCE[i][2] for i in ids], np.float32))
     np.testing.assert_array_equal(rec.rule_ids, [PROVENANCE[i][1] for i in ids])
@@ -512,6 +518,7 @@ def test_dp_sample_rate_is_derived_from_the_manifest(led: Any, manifest: Any) ->
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
         opt.zero_grad()
+    tr.flush()
     (rec,) = led.steps("dp")
     assert (
         rec.eps is not None
@@ -522,3 +529,58 @@ def test_dp_sample_rate_is_derived_from_the_manifest(led: Any, manifest: Any) ->
     body = led.entry(rec.seq).body
     assert body["dp"]["sample_rate"] == 4 / len(PROVENANCE) and body["dp"]["eps_step"] == 0
     tr.close()
+
+
+@pytest.mark.parametrize("max_pending", [0, 1, 8])
+def test_background_and_synchronous_appends_record_the_same_steps(tmp_path: Path, max_pending: int) -> None:
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    crit = nn.CrossEntropyLoss()
+    x, y = data(40)
+    with Ledger.open(tmp_path / f"w{max_pending}.db", create=True) as led:
+        tr = attach(model, opt, ledger=led, run="w", criterion=crit, max_pending=max_pending)
+        for s in range(10):
+            with tr.batch([f"e{4 * s + i}" for i in range(4)]):
+                crit(model(x[4 * s : 4 * s + 4]), y[4 * s : 4 * s + 4]).backward()
+                opt.step()
+                opt.zero_grad()
+        final = tr.close()  # flushes: every step precedes the final checkpoint
+        recs = list(led.steps("w"))
+        assert [r.step for r in recs] == list(range(10))
+        assert all(r.seq < final for r in recs), ([r.seq for r in recs], final)
+        assert [r.example_ids[0] for r in recs] == [f"e{4 * s}" for s in range(10)]
+        assert led.verify().ok
+
+
+def test_a_failed_append_is_raised_and_no_later_step_is_recorded(
+    led: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tr = attach(model, opt, ledger=led, run="f")
+    x, y = data(4)
+
+    def step() -> None:
+        with tr.batch(["a", "b", "c", "d"]):
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+
+    step()
+    tr.flush()
+    real = led.append_many
+
+    def boom(entries: Any) -> Any:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(led, "append_many", boom)
+    step()
+    with pytest.raises(RuntimeError, match="appending a step entry failed: disk full"):
+        tr.flush()
+    monkeypatch.setattr(led, "append_many", real)
+    with pytest.raises(RuntimeError, match="disk full"):
+        step()  # sticky: the run cannot silently continue with a gap
+    with pytest.raises(RuntimeError, match="disk full"):
+        tr.close()  # hooks are removed all the same
+    assert [r.step for r in led.steps("f")] == [0]
+    assert len(opt._optimizer_step_pre_hooks) == 0  # type: ignore[attr-defined]
