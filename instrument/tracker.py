@@ -143,14 +143,38 @@ def layer_digest(params: dict[str, dict[str, Any]]) -> str:
     return hashlib.sha256(rfc8785.dumps(params)).hexdigest()
 
 
+def layer_parameters(
+    model: nn.Module, layers: Sequence[str], trainable_only: bool = True
+) -> dict[str, dict[str, nn.Parameter]]:
+    """Each layer's parameters by name relative to the layer, as the engine covers them.
+
+    A parameter belongs to the deepest layer whose name prefixes its module path: a kernel layer's own
+    parameters, and for a fallback layer (e.g. ``nn.MultiheadAttention``) also those of children that are not
+    layers themselves (``out_proj``). Derived from the layer names alone, so it needs no engine internals.
+    """
+    names = set(layers)
+    out: dict[str, dict[str, nn.Parameter]] = {n: {} for n in layers}
+    for qual, p in model.named_parameters():
+        if trainable_only and not p.requires_grad:
+            continue
+        owner = qual.rsplit(".", 1)[0] if "." in qual else ""
+        while owner not in names and owner:
+            owner = owner.rsplit(".", 1)[0] if "." in owner else ""
+        if owner not in names:
+            if p.requires_grad:
+                raise ValueError(f"trainable parameter {qual!r} belongs to no instrumented layer")
+            continue
+        out[owner][qual[len(owner) + 1 :] if owner else qual] = p
+    return out
+
+
 def model_digests(model: nn.Module, layers: Sequence[str]) -> dict[str, Any]:
     """The checkpoint body's digest part; recomputable by anyone holding the model."""
     sd = model.state_dict()
     tensors = {k: tensor_descriptor(v) for k, v in sd.items() if isinstance(v, torch.Tensor)}
     out_layers = {}
-    for name in layers:
-        mod = model.get_submodule(name)
-        params = {pn: tensor_descriptor(p) for pn, p in mod.named_parameters(recurse=False)}
+    for name, own in layer_parameters(model, layers, trainable_only=False).items():
+        params = {pn: tensor_descriptor(p) for pn, p in own.items()}
         out_layers[name] = {"sha256": layer_digest(params), "params": params}
     return {
         "layers": out_layers,
@@ -361,9 +385,9 @@ class Tracker:
         self.track_updates = update_norms
         self.engine = GradNormEngine(model, loss_reduction=loss_reduction)
         self.layers: list[str] = list(self.engine.layer_names)
+        self.layer_param_names = layer_parameters(self.base, self.layers)
         self.layer_params: list[list[nn.Parameter]] = [
-            [p for p in self.base.get_submodule(n).parameters(recurse=False) if p.requires_grad]
-            for n in self.layers
+            list(self.layer_param_names[n].values()) for n in self.layers
         ]
         try:
             self.device = next(p.device for ps in self.layer_params for p in ps)
@@ -403,9 +427,7 @@ class Tracker:
                 {
                     "name": name,
                     "type": f"{type(mod).__module__}.{type(mod).__qualname__}",
-                    "params": {
-                        pn: list(p.shape) for pn, p in mod.named_parameters(recurse=False) if p.requires_grad
-                    },
+                    "params": {pn: list(p.shape) for pn, p in self.layer_param_names[name].items()},
                 }
             )
         groups = []

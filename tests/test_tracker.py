@@ -584,3 +584,57 @@ def test_a_failed_append_is_raised_and_no_later_step_is_recorded(
         tr.close()  # hooks are removed all the same
     assert [r.step for r in led.steps("f")] == [0]
     assert len(opt._optimizer_step_pre_hooks) == 0  # type: ignore[attr-defined]
+
+
+class AttnNet(nn.Module):
+    """A fallback-kernel layer (MultiheadAttention uses its child out_proj's parameters) and a frozen layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(4, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.frozen = nn.Linear(8, 8)
+        self.frozen.requires_grad_(False)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        h, _ = self.attn(h, h, h, need_weights=False)
+        return self.head(self.frozen(h).mean(1))
+
+
+def test_fallback_layers_cover_their_children_in_updates_dp_and_checkpoints(led: Any) -> None:
+    torch.manual_seed(0)
+    model = AttnNet().double()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    dp = instrument.DPConfig(0.5, 1.0, 1e-5, "rdp", sample_rate=0.1, seed=3)
+    tr = attach(model, opt, ledger=led, run="attn", dp=dp)
+    assert tr.layers == ["inp", "attn", "head"]
+    expected = {
+        "inp": ["weight", "bias"],
+        "attn": ["in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"],
+        "head": ["weight", "bias"],
+    }
+    run = run_record(led, "attn")
+    assert {lay["name"]: sorted(lay["params"]) for lay in run.architecture["layers"]} == {
+        k: sorted(v) for k, v in expected.items()
+    }
+    assert tr.mechanism is not None and len(tr.mechanism.params) == 8  # noise reaches out_proj too
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    x = torch.randn(4, 5, 4, dtype=torch.float64)
+    with tr.batch(["a", "b", "c", "d"]):
+        nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 2, 0])).backward()
+        opt.step()
+        opt.zero_grad()
+    final = tr.close()
+    (rec,) = led.steps("attn")
+    after = dict(model.named_parameters())
+    for li, (layer, pnames) in enumerate(expected.items()):
+        diff = math.sqrt(
+            sum(float((after[f"{layer}.{p}"] - before[f"{layer}.{p}"]).pow(2).sum()) for p in pnames)
+        )
+        assert rec.update_norms is not None and rec.update_norms[li] == pytest.approx(diff, rel=1e-12)
+    assert float((after["attn.out_proj.bias"] - before["attn.out_proj.bias"]).abs().sum()) > 0
+    ck = led.entry(final).body
+    assert sorted(ck["layers"]["attn"]["params"]) == sorted(expected["attn"])
+    assert "frozen.weight" in ck["state_dict"] and "frozen" not in ck["layers"]  # frozen: state, not a layer
