@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from instrument.sketch import LayerSketchSpec, StateStore
+from instrument.sketch import LayerSketchSpec, StateStore, payload_names
 
 QueryFn = Callable[[int], Mapping[str, np.ndarray]]
 
@@ -67,7 +67,7 @@ class TrainingStep:
     lr: np.ndarray  # [L]; NaN = layer not in the optimizer
     weights: np.ndarray | None  # [B, L] routing weights (None: all 1)
     clip_factors: np.ndarray | None  # [B] DP clipping factors (None: all 1)
-    payloads: Mapping[str, np.ndarray]  # ``sketch:<layer>`` / ``g:<layer>`` / ``a:<layer>``
+    payloads: Mapping[str, np.ndarray]  # ``sketch.<layer>`` / ``g.<layer>`` / ``a.<layer>``
 
     @classmethod
     def from_entry(cls, entry: Any) -> TrainingStep:
@@ -80,13 +80,6 @@ class TrainingStep:
         )  # fmt: skip
 
 
-def payload_names(spec: LayerSketchSpec) -> list[str]:
-    """The step payloads that hold ``spec.layer``'s sketch."""
-    if spec.method == "kron":
-        return [f"sketch:{spec.layer}"]
-    return [f"g:{spec.layer}", f"a:{spec.layer}"]
-
-
 def layer_dots(
     spec: LayerSketchSpec,
     train: Mapping[str, np.ndarray],
@@ -96,12 +89,12 @@ def layer_dots(
     """``[Q, B]`` estimated (``kron``) or exact (``rank1``) gradient inner products, in float64."""
     name = spec.layer
     if spec.method == "kron":
-        s = np.asarray(train[f"sketch:{name}"][rows], dtype=np.float64)
-        return np.asarray(query[f"sketch:{name}"], dtype=np.float64) @ s.T
-    g = np.asarray(train[f"g:{name}"][rows], dtype=np.float64)
-    a = np.asarray(train[f"a:{name}"][rows], dtype=np.float64)
-    gq = np.asarray(query[f"g:{name}"], dtype=np.float64)
-    aq = np.asarray(query[f"a:{name}"], dtype=np.float64)
+        s = np.asarray(train[f"sketch.{name}"][rows], dtype=np.float64)
+        return np.asarray(query[f"sketch.{name}"], dtype=np.float64) @ s.T
+    g = np.asarray(train[f"g.{name}"][rows], dtype=np.float64)
+    a = np.asarray(train[f"a.{name}"][rows], dtype=np.float64)
+    gq = np.asarray(query[f"g.{name}"], dtype=np.float64)
+    aq = np.asarray(query[f"a.{name}"], dtype=np.float64)
     return (gq @ g.T) * (aq @ a.T + (1.0 if spec.bias else 0.0))
 
 
@@ -508,12 +501,13 @@ def _state_store(ledger: Any, states: str | Path | StateStore | None) -> StateSt
         return states
     if states is not None:
         return StateStore(states)
-    path = getattr(ledger, "path", None)
-    if path is None:
-        raise InfluenceError(
-            "states= is required: this ledger has no file path to find <ledger>.states beside it"
-        )
-    return StateStore(StateStore.beside(path))
+    location = getattr(ledger, "location", None)
+    if location is None:
+        raise InfluenceError("states= is required: cannot tell where this ledger lives")
+    try:
+        return StateStore(StateStore.beside(location))
+    except ValueError as exc:
+        raise InfluenceError(f"states= is required: {exc}") from None
 
 
 def _manifest(ledger: Any, rec: Any) -> Any | None:

@@ -38,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -179,8 +180,23 @@ def layer_dims(name: str, module: nn.Module) -> tuple[str, int, int, bool]:
     return mtype, d_out, d_in, module.bias is not None and module.bias.requires_grad
 
 
+def payload_names(spec: LayerSketchSpec) -> list[str]:
+    """The step payloads holding ``spec.layer``'s sketch: ``sketch.<layer>`` or ``g.<layer>`` + ``a.<layer>``."""
+    if spec.method == "kron":
+        return [f"sketch.{spec.layer}"]
+    return [f"g.{spec.layer}", f"a.{spec.layer}"]
+
+
+_PAYLOAD_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # the ledger's payload-name rule (ledger.canonical)
+
+
 def make_spec(name: str, module: nn.Module, method: str, k: int, seed: int) -> LayerSketchSpec:
     """Validate ``module`` for sketching and fix its projection shapes and digests."""
+    if not _PAYLOAD_NAME.fullmatch(f"sketch.{name}"):
+        raise SketchError(
+            f"layer {name!r}: payload name 'sketch.{name}' breaks the ledger's rule [A-Za-z0-9_.-]{{1,64}} "
+            "(layer names up to 57 characters of letters, digits, '_', '.', '-')"
+        )
     mtype, d_out, d_in, has_bias = layer_dims(name, module)
     if method == "rank1":
         if not isinstance(module, nn.Linear):
@@ -297,7 +313,7 @@ class Sketcher:
 
         sk = Sketcher(model, ["fc2", "head"], k=128, seed=7, methods={"head": "rank1"})
         loss = F.cross_entropy(model(x), y); loss.backward()
-        payloads = sk.collect()   # {"sketch:fc2": f4[B, k], "g:head": f4[B, d_out], "a:head": f4[B, d_in]}
+        payloads = sk.collect()   # {"sketch.fc2": f4[B, k], "g.head": f4[B, d_out], "a.head": f4[B, d_in]}
 
     A layer called several times in one forward (weight reuse) gets the sum of its per-call sketches
     (``kron`` only; ``rank1`` then raises). Several forward+backward passes before :meth:`collect`
@@ -384,8 +400,8 @@ class Sketcher:
     def collect_tensors(self) -> dict[str, torch.Tensor]:
         """Per-sample sketches since the last collect, as tensors on the model's device.
 
-        Keys are the payload names: ``sketch:<layer>`` ``[B, k]`` for ``kron``, ``g:<layer>`` ``[B, d_out]``
-        and ``a:<layer>`` ``[B, d_in]`` for ``rank1``. Raises if a layer saw a forward but no backward.
+        Keys are the payload names: ``sketch.<layer>`` ``[B, k]`` for ``kron``, ``g.<layer>`` ``[B, d_out]``
+        and ``a.<layer>`` ``[B, d_in]`` for ``rank1``. Raises if a layer saw a forward but no backward.
         """
         passes, self._done = self._done, []
         out: dict[str, list[torch.Tensor]] = {}
@@ -400,15 +416,15 @@ class Sketcher:
             for name, parts in p.parts.items():
                 spec = self.specs[name]
                 if spec.method == "kron":
-                    out.setdefault(f"sketch:{name}", []).append(torch.stack(parts).sum(0))
+                    out.setdefault(f"sketch.{name}", []).append(torch.stack(parts).sum(0))
                 else:
                     if len(parts) != 2:
                         raise SketchError(
                             f"layer {name!r}: called {len(parts) // 2} times in one forward; "
                             "the rank-1 factors exist only for a single call -- use method 'kron'"
                         )
-                    out.setdefault(f"g:{name}", []).append(parts[0])
-                    out.setdefault(f"a:{name}", []).append(parts[1])
+                    out.setdefault(f"g.{name}", []).append(parts[0])
+                    out.setdefault(f"a.{name}", []).append(parts[1])
         return {key: torch.cat(v) for key, v in out.items()}
 
     def collect(self, expected_rows: int | None = None) -> dict[str, np.ndarray]:
@@ -421,7 +437,7 @@ class Sketcher:
         """
         out = {}
         for key, t in self.collect_tensors().items():
-            dt = "<f4" if key.startswith("sketch:") or t.dtype != torch.float64 else "<f8"
+            dt = "<f4" if key.startswith("sketch.") or t.dtype != torch.float64 else "<f8"
             out[key] = np.ascontiguousarray(t.detach().to("cpu").numpy(), dtype=dt)
             if expected_rows is not None and out[key].shape[0] != expected_rows:
                 raise SketchError(

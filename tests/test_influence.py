@@ -181,7 +181,7 @@ def test_rank1_path_equals_exact_tracin_with_routing_and_clipping() -> None:
         seed=1,
         oracle=True,
     )
-    assert rec.steps[0].payloads["g:4"].dtype == np.dtype("<f8")  # float64 model: factors stored losslessly
+    assert rec.steps[0].payloads["g.4"].dtype == np.dtype("<f8")  # float64 model: factors stored losslessly
     # give the recorded steps routing weights, clip factors and an untrained layer; the oracle applies the same
     rng = np.random.default_rng(0)
     steps, coefs = [], []
@@ -242,7 +242,7 @@ def test_uncovered_steps_and_missing_payloads_are_reported() -> None:
     broken = list(rec.steps)
     st = broken[1]
     broken[1] = TrainingStep(st.seq, st.step, st.epoch, st.example_ids, st.layers, st.lr, None, None, {})
-    with pytest.raises(InfluenceError, match=r"step entry 1 \(step 1\) has no 'g:4' payload"):
+    with pytest.raises(InfluenceError, match=r"step entry 1 \(step 1\) has no 'g.4' payload"):
         tracin_scores(lambda: broken, rec.checkpoint_seqs, [0, 1], q, [spec], 3)
     with pytest.raises(InfluenceError, match="top must be >= 1"):
         tracin_scores(lambda: rec.steps, rec.checkpoint_seqs, [0], q, [spec], 0)
@@ -320,3 +320,156 @@ def test_planted_poison_is_found_at_the_last_layer() -> None:
     assert all(r.annotator != "ann-poison" for r in rows if r.example_id not in poisoned_ids)
     for r in rows:  # per-checkpoint contributions add up to the score
         assert abs(sum(r.checkpoints.values()) - r.score) <= 1e-9 * max(1.0, abs(r.score))
+
+
+# ----------------------------------------------------------------------------- through the ledger, end to end
+class SketchingLedger:
+    """Test glue standing in for the tracker wiring (docs/influence.md, "Recording"): the run entry carries
+    ``sketcher.body()``, each step entry the sketcher's payloads, each checkpoint saves its weights."""
+
+    def __init__(self, led: Any, sketcher: Sketcher, store: Any, model: nn.Module) -> None:
+        self._led, self.sketcher, self.store, self.model = led, sketcher, store, model
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._led, name)
+
+    def append(
+        self, kind: str, body: dict[str, Any], payloads: dict[str, Any] | None = None, **kw: Any
+    ) -> Any:
+        if kind == "run":
+            body = {**body, "sketch": self.sketcher.body()}
+        elif kind == "step":
+            payloads = {**(payloads or {}), **self.sketcher.collect(expected_rows=len(body["example_ids"]))}
+        elif kind == "checkpoint":
+            self.store.put(self.model.state_dict())
+        return self._led.append(kind, body, payloads, **kw)
+
+
+POISONER = "mallory@example.com"
+
+
+def poison_model() -> nn.Module:
+    """The model factory an influence query rebuilds the architecture with (weights come from the store)."""
+    return mlp(128, 64, torch.float32)
+
+
+@pytest.fixture(scope="module")
+def poisoned_ledger(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    import json
+
+    import instrument
+    from instrument.sketch import StateStore
+    from ledger import ingest
+    from ledger.ingest.pseudonym import Pseudonymizer
+    from ledger.provenance import Manifest
+    from ledger.store import Ledger
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    tmp = tmp_path_factory.mktemp("influence")
+    data = poisoned_digits()
+    ids = [f"ex-{i:04d}" for i in range(len(data.y))]
+    poisoned = {ids[i] for i in data.poison}
+    path = tmp / "run.db"
+    pseud = Pseudonymizer(bytes(range(32)))
+    led = Ledger.open(path, create=True)
+    rows = [
+        {"item_id": eid, "label_id": f"lab-{eid}", "value": str(int(data.y[i])),
+         "producer": POISONER if eid in poisoned else f"annotator{i % 5}@example.com", "consensus": 0.9}
+        for i, eid in enumerate(ids)
+    ]  # fmt: skip
+    (tmp / "labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ingest.ingest("jsonl", tmp / "labels.jsonl", led, pseudonym_key=pseud)
+    man = Manifest.create(led, "digits-train", {eid: f"lab-{eid}" for eid in ids})
+    torch.manual_seed(0)
+    model = poison_model()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    crit = nn.CrossEntropyLoss()
+    sk = Sketcher(model, ["2", "4"], k=128, seed=5, methods={"4": "rank1"})
+    store = StateStore(StateStore.beside(path))
+    proxy = SketchingLedger(led, sk, store, model)
+    tr = instrument.attach(
+        model, opt, ledger=proxy, run="poisoned", labels=man, criterion=crit, max_pending=0
+    )
+    x, y = torch.tensor(data.x), torch.tensor(data.y)
+    for epoch in range(6):
+        tr.epoch(epoch)
+        perm = torch.randperm(len(y)).tolist()
+        for lo in range(0, len(perm), 64):
+            b = perm[lo : lo + 64]
+            with tr.batch([ids[i] for i in b]):
+                crit(model(x[b]), y[b]).backward()
+            opt.step()
+            opt.zero_grad()
+        if epoch < 5:
+            tr.checkpoint(f"epoch{epoch}")
+    tr.close()
+    sk.remove()
+    with torch.no_grad():
+        xq = torch.tensor(data.x_trig)
+        xq = xq[model(xq).argmax(1) == data.target]
+    torch.set_num_threads(n)
+    yield SimpleNamespace(
+        led=led, path=path, store=store, xq=xq.numpy(), yq=np.zeros(len(xq), dtype=np.int64),
+        poisoned=poisoned, pseudonym=pseud.pseudonym(POISONER), tmp=tmp,
+    )  # fmt: skip
+    led.close()
+
+
+def test_influence_api_names_the_poisoner_from_the_ledger(poisoned_ledger: SimpleNamespace) -> None:
+    import audit
+    import audit.influence as influence_module
+
+    p = poisoned_ledger
+    res = audit.influence(p.led, "poisoned", poison_model, p.xq, p.yq, layers="4", top=20, combine=True)
+    assert influence_module is audit.influence  # the module is the callable API
+    assert res.methods == {"4": "rank1"} and len(res.checkpoints) == 6 and res.uncovered_steps == 0
+    assert res.sample_steps == 6 * 1300 and res.examples == 1300
+    flagged = [r for r in res.rows if r.example_id in p.poisoned]
+    assert len(flagged) >= 15, [r.example_id for r in res.rows]
+    assert all(r.annotator == p.pseudonym and r.label_id == f"lab-{r.example_id}" for r in flagged)
+    assert all(r.annotator != p.pseudonym and r.annotator is not None for r in res.rows if r not in flagged)
+    assert all(r.consensus == 0.9 and r.label_seq is not None for r in res.rows)
+    for r in res.rows:
+        assert abs(sum(r.checkpoints.values()) - r.score) <= 1e-9 * max(1.0, abs(r.score))
+    # per query, last checkpoint only, two layers (kron + rank1): still dominated by the poison
+    per_q = audit.influence(p.led, "poisoned", poison_model, p.xq[:5], p.yq[:5], top=20, checkpoints="last")
+    assert (
+        per_q.layers == ["2", "4"] and len(per_q.checkpoints) == 1 and per_q.checkpoints[0]["tag"] == "final"
+    )
+    for q in range(5):
+        rows = per_q.for_query(q)
+        assert sum(r.example_id in p.poisoned for r in rows) >= 15
+        assert all(abs(sum(r.layers.values()) - r.score) <= 1e-9 * max(1.0, abs(r.score)) for r in rows)
+    assert res.to_json()["rows"][0]["annotator"] is not None
+
+
+def test_state_files_are_verified_against_the_checkpoint_entry(poisoned_ledger: SimpleNamespace) -> None:
+    import shutil
+
+    from audit.influence import influence
+    from instrument.sketch import StateError, StateStore
+    from ledger.records import checkpoints
+
+    p = poisoned_ledger
+    last = checkpoints(p.led, "poisoned")[-1]
+    bad = StateStore(p.tmp / "tampered.states")
+    shutil.copytree(p.store.directory, bad.directory)
+    state = torch.load(bad.path(last.state_dict_sha256), weights_only=True)
+    state["4.bias"][0] += 1e-3
+    torch.save(state, bad.path(last.state_dict_sha256))
+    with pytest.raises(StateError, match="tensor '4.bias' sha256 .* does not match checkpoint entry"):
+        influence(
+            p.led, "poisoned", poison_model, p.xq[:2], p.yq[:2], layers="4", checkpoints="last", states=bad
+        )
+    bad.path(last.state_dict_sha256).unlink()
+    with pytest.raises(StateError, match="no state file"):
+        influence(
+            p.led, "poisoned", poison_model, p.xq[:2], p.yq[:2], layers="4", checkpoints="last", states=bad
+        )
+    with pytest.raises(InfluenceError, match="no sketches for layer"):
+        influence(p.led, "poisoned", poison_model, p.xq[:2], p.yq[:2], layers="0")
+    with pytest.raises(InfluenceError, match="no run named 'nope'"):
+        influence(p.led, "nope", poison_model, p.xq[:2], p.yq[:2])
+    with pytest.raises(InfluenceError, match="no checkpoint with seq or tag 'epoch9'"):
+        influence(p.led, "poisoned", poison_model, p.xq[:2], p.yq[:2], checkpoints=["epoch9"])

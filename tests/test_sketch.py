@@ -143,7 +143,7 @@ def test_sketcher_equals_projected_oracle_gradient(net, shape, reduction) -> Non
         spec = sk.specs[layer]
         p_out, p_in = spec.projections()
         want = torch.einsum("ok,boi,il->bkl", p_out, flat_grad(oracle, layer, spec.bias), p_in)
-        torch.testing.assert_close(got[f"sketch:{layer}"], want.reshape(shape[0], -1), rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(got[f"sketch.{layer}"], want.reshape(shape[0], -1), rtol=1e-9, atol=1e-11)
 
 
 def test_rank1_path_equals_exact_dot_products() -> None:
@@ -162,7 +162,7 @@ def test_rank1_path_equals_exact_dot_products() -> None:
     for layer in ("head", "fc2"):
         exact = flat_grad(gt, layer, True).flatten(1) @ flat_grad(gq, layer, True).flatten(1).T
         got = rank1_dot(
-            train[f"g:{layer}"], train[f"a:{layer}"], query[f"g:{layer}"], query[f"a:{layer}"], True
+            train[f"g.{layer}"], train[f"a.{layer}"], query[f"g.{layer}"], query[f"a.{layer}"], True
         )
         assert (got - exact).abs().max().item() <= 1e-6 * max(1.0, exact.abs().max().item())
         assert (got - exact).abs().max().item() < 1e-10
@@ -241,7 +241,7 @@ def test_microbatches_concatenate_and_weight_reuse_sums() -> None:
     got = sk.collect_tensors()
     p_out, p_in = sk.specs["shared"].projections()
     want = torch.einsum("ok,boi,il->bkl", p_out, flat_grad(oracle, "shared", True), p_in).flatten(1)
-    torch.testing.assert_close(got["sketch:shared"], want, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(got["sketch.shared"], want, rtol=1e-9, atol=1e-11)
     assert sk.collect_tensors() == {}  # collect drains
     sk.remove()
     rk = Sketcher(model, ["shared"], methods={"shared": "rank1"})
@@ -257,9 +257,9 @@ def test_payloads_are_float32_and_eval_forwards_are_ignored() -> None:
         model(torch.randn(3, 12))
     F.cross_entropy(model(torch.randn(4, 12)), torch.tensor([0, 1, 2, 3])).backward()
     out = sk.collect()
-    assert set(out) == {"sketch:fc2", "g:head", "a:head"}
-    assert out["sketch:fc2"].dtype == np.dtype("<f4") and out["sketch:fc2"].shape == (4, sk.specs["fc2"].k)
-    assert out["g:head"].shape == (4, 5) and out["a:head"].shape == (4, 9)
+    assert set(out) == {"sketch.fc2", "g.head", "a.head"}
+    assert out["sketch.fc2"].dtype == np.dtype("<f4") and out["sketch.fc2"].shape == (4, sk.specs["fc2"].k)
+    assert out["g.head"].shape == (4, 5) and out["a.head"].shape == (4, 9)
     body = sk.body()
     assert body["layers"]["head"]["method"] == "rank1" and body["seed"] == 0
     sk.pause()
