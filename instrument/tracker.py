@@ -21,7 +21,8 @@ How it hooks in, and why this way:
   A forward pre-hook on the model checks that the input batch has ``len(ids)`` rows (a clear error otherwise).
 * Per-sample losses and AUM margins come from a forward hook on the *criterion module* passed to ``attach``:
   it sees the model output and the targets without changing the user's code. The loss is recomputed under
-  ``no_grad`` with ``reduction="none"`` and averaged over each sample's non-batch elements. Supported:
+  ``no_grad`` with ``reduction="none"`` and averaged over each sample's elements (tokens of a sequence,
+  skipping ``ignore_index``; inputs flattened batch-major to [B*T, C] are understood). Supported:
   ``CrossEntropyLoss``, ``NLLLoss`` (these also give margins for [B, C] inputs: the assigned label's logit minus
   the largest other one), ``MSELoss``, ``L1Loss``, ``SmoothL1Loss``, ``HuberLoss``, ``BCEWithLogitsLoss``,
   ``BCELoss``; any other criterion is refused at attach. ``criterion=None`` records no losses or margins.
@@ -66,8 +67,10 @@ from .policy import BoundPolicy, Policy
 # ----- per-sample losses ---------------------------------------------------------------------------
 
 
-def _per_sample_loss(crit: nn.Module, inp: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """The criterion with reduction='none', one value per sample (mean over each sample's elements)."""
+def _per_sample_loss(crit: nn.Module, inp: torch.Tensor, target: torch.Tensor, n: int) -> torch.Tensor:
+    """The criterion with reduction='none', one value per sample: the mean over each sample's elements
+    (tokens, pixels, outputs), ignoring ``ignore_index`` targets. ``inp`` has ``n`` rows, or ``n * k`` rows
+    flattened batch-major (``out.reshape(-1, C)`` of a [n, k, C] output, as token-level losses do)."""
     if isinstance(crit, nn.CrossEntropyLoss):
         out = F.cross_entropy(
             inp,
@@ -95,7 +98,11 @@ def _per_sample_loss(crit: nn.Module, inp: torch.Tensor, target: torch.Tensor) -
         out = F.binary_cross_entropy(inp, target, weight=crit.weight, reduction="none")
     else:  # pragma: no cover - refused at attach
         raise TypeError(type(crit).__name__)
-    return out.reshape(out.shape[0], -1).mean(dim=1) if out.dim() > 1 else out
+    out = out.reshape(n, -1)
+    if isinstance(crit, nn.CrossEntropyLoss | nn.NLLLoss) and not target.is_floating_point():
+        keep = (target != crit.ignore_index).reshape(n, -1).to(out.dtype)
+        return (out * keep).sum(1) / keep.sum(1).clamp(min=1)
+    return out.mean(dim=1)
 
 
 SUPPORTED_CRITERIA = (
@@ -492,15 +499,23 @@ class Tracker:
             return
         inp, target = args[0], args[1]
         n = len(micro.ids)
-        if inp.shape[0] != n:
+        rows = inp.shape[0] if inp.dim() else 0
+        if rows == 0 or rows % n:
             raise ValueError(
-                f"tracker.batch got {n} example ids but the criterion's input batch has {inp.shape[0]} rows"
+                f"tracker.batch got {n} example ids but the criterion's input has {rows} rows "
+                f"(expected {n}, or a multiple of {n} for outputs flattened batch-major)"
             )
         with torch.no_grad():
             inp_d, tgt_d = inp.detach(), target.detach()
-            micro.losses = _per_sample_loss(module, inp_d, tgt_d).float().cpu().numpy()
+            micro.losses = _per_sample_loss(module, inp_d, tgt_d, n).float().cpu().numpy()
             classify = isinstance(module, nn.CrossEntropyLoss | nn.NLLLoss)
-            if classify and inp_d.dim() == 2 and tgt_d.dim() == 1 and not tgt_d.is_floating_point():
+            if (
+                classify
+                and rows == n
+                and inp_d.dim() == 2
+                and tgt_d.dim() == 1
+                and not tgt_d.is_floating_point()
+            ):
                 micro.margins = _margins(inp_d, tgt_d).float().cpu().numpy()
 
     # ----- user API ---------------------------------------------------------------------------------

@@ -638,3 +638,47 @@ def test_fallback_layers_cover_their_children_in_updates_dp_and_checkpoints(led:
     ck = led.entry(final).body
     assert sorted(ck["layers"]["attn"]["params"]) == sorted(expected["attn"])
     assert "frozen.weight" in ck["state_dict"] and "frozen" not in ck["layers"]  # frozen: state, not a layer
+
+
+class TokenNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(11, 6)
+        self.out = nn.Linear(6, 11)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.emb(idx)))
+
+
+def test_token_level_losses_from_flattened_outputs(led: Any) -> None:
+    torch.manual_seed(0)
+    model = TokenNet().double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    crit = nn.CrossEntropyLoss(ignore_index=-100)
+    tr = attach(model, opt, ledger=led, run="tok", criterion=crit)
+    idx = torch.randint(0, 11, (3, 5))
+    tgt = torch.randint(0, 11, (3, 5))
+    tgt[0, :2] = -100  # ignored positions do not count in sample 0's mean
+    tgt[2, :] = -100  # a sample with every position ignored: loss 0, not NaN
+    with torch.no_grad():
+        logits = model(idx)
+    expect = []
+    for i in range(3):
+        keep = tgt[i] != -100
+        expect.append(
+            float(nn.functional.cross_entropy(logits[i][keep], tgt[i][keep])) if keep.any() else 0.0
+        )
+    with tr.batch(["s0", "s1", "s2"]):
+        out = model(idx)
+        crit(out.reshape(-1, 11), tgt.reshape(-1)).backward()
+        opt.step()
+        opt.zero_grad()
+    with (
+        pytest.raises(ValueError, match=r"3 example ids but the criterion's input has 4 rows"),
+        tr.batch(["a", "b", "c"]),
+    ):
+        crit(model(idx).reshape(-1, 11)[:4], tgt.reshape(-1)[:4])
+    tr.close()
+    (rec,) = led.steps("tok")
+    np.testing.assert_allclose(rec.losses, expect, rtol=1e-6)
+    assert rec.margins is None  # margins are per example, not per token
