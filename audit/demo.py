@@ -1,82 +1,370 @@
-"""The gradledger walk-through: a real ledger, signed, verified, tampered with, and caught.
+"""The end-to-end gradledger demo: annotation export → ledger → governed training → audit → signed evidence.
 
-``run_demo(out)`` is a sequence of small steps so the end-to-end demo (training, ingest, audit) can grow
-around it: init a SQLite ledger, make a signing key, append entries with payloads, sign a checkpoint kept
-outside the database, verify (intact), flip one byte of one payload in a COPY of the database, verify
-the copy (fails, naming the first bad seq), and verify the copy against the saved checkpoint.
+``run_demo(out)`` runs every step into the directory ``out`` (embedded SQLite, no network) and returns a
+summary. Each step is a small function so the examples (``examples/digits_governed.py``) and tests can reuse
+them:
+
+1. ``write_export``: a simulated Labelbox Export v2 NDJSON for scikit-learn's ``load_digits`` (``audit.demo_data``:
+   careful annotators, one careless one, consensus rows, reviews that reject, gold rows; e-mail identities).
+2. ``make_keys`` / ``init_ledger`` / ``ingest_export``: a signing key pair, the ledger, the pseudonymised ingest.
+3. ``build_manifest``: one training example per label (a consensus row gives three), with content hashes.
+4. ``write_policy``: low consensus → shallow layers only, rejected → excluded, gold → all layers.
+5. ``train``: a small CNN with instrumentation (routed run, an unrouted baseline for comparison, a DP run);
+   ``sign``: a signed checkpoint note after each run.
+6. ``verify_ledger``: full deep verify against the last signed checkpoint and the public key.
+7. ``who_shaped``: which annotators / labels shaped the last layer (``audit.query``), against the baseline.
+8. ``memorisation``: memorisation / mislabel candidates with the loss and AUM baselines, scored against the
+   simulation's ground truth.
+9. ``tamper_check``: flip one bit in a copy of the database; verify names the entry.
+
+The report, lineage graph and signed export steps are added when ``audit.report`` / ``audit.lineage`` /
+``audit.export`` exist in this checkout (see ``_optional_steps``).
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import sqlite3
+import time
+from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import torch
+from torch import nn
 
 from ledger import keys
 from ledger.store import Ledger, VerifyResult
 
+from .demo_data import CARELESS, Simulation, SimulationConfig, email, simulate, write_labelbox_export
+
 Say = Callable[[str], None]
 
+HEAD = "head"
+SHALLOW = ("conv1", "conv2", "fc")
 
-def init_ledger(out: Path) -> Path:
-    path = out / "ledger.db"
-    if path.exists():
-        raise FileExistsError(f"{path}: already exists; choose an empty --out directory")
-    Ledger.create(path).close()
+POLICY_YAML = """\
+# The demo's routing policy (first matching rule wins). Layer names are the CNN's module names.
+gradledger_policy: 1
+name: digits-consensus-depth
+groups:
+  shallow: ["conv1", "conv2", "fc"]
+  deep: ["head"]
+rules:
+  - name: excluded
+    when: {any: [{review: reject}, {rights: withdrawn}]}
+    weights: {"*": 0.0}
+  - name: gold
+    when: {gold: true}
+    weights: {"*": 1.0}
+  - name: low-consensus
+    when: {consensus: {lt: 0.7}}
+    weights: {shallow: 1.0, deep: 0.0}
+default: {"*": 1.0}
+"""
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Sizes and training settings. The defaults are what ``make demo`` runs; ``quick()`` is for tests."""
+
+    seed: int = 0
+    limit: int | None = None  # digits images used (None: all 1,797)
+    epochs: int = 8
+    dp_epochs: int = 3
+    batch_size: int = 64
+    lr: float = 0.1
+    baseline: bool = True  # also train without the policy, to show what the policy changed
+    dp: bool = True
+    noise_multiplier: float = 1.0
+    max_grad_norm: float = 1.0
+    delta: float = 1e-5
+    top: int = 10
+
+    @classmethod
+    def quick(cls) -> DemoConfig:
+        return cls(limit=360, epochs=3, dp_epochs=1, batch_size=32)
+
+
+@dataclass
+class Paths:
+    out: Path
+    export: Path = field(init=False)
+    ledger: Path = field(init=False)
+    keys: Path = field(init=False)
+    pseudonym_key: Path = field(init=False)
+    policy: Path = field(init=False)
+    checkpoints: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.export = self.out / "labelbox-export.ndjson"
+        self.ledger = self.out / "ledger.db"
+        self.keys = self.out / "keys"
+        self.pseudonym_key = self.keys / "pseudonym.key"
+        self.policy = self.out / "policy.yaml"
+        self.checkpoints = self.out / "checkpoints"
+
+
+# ----- 1-4: data, keys, ledger, ingest, manifest, policy -----------------------------------------------------
+def write_export(paths: Paths, config: DemoConfig) -> Simulation:
+    sim = simulate(SimulationConfig(seed=config.seed, limit=config.limit))
+    write_labelbox_export(sim, paths.export)
+    return sim
+
+
+def make_keys(paths: Paths) -> keys.KeyFiles:
+    """The Ed25519 checkpoint-signing key pair and the pseudonym key (both outside the ledger)."""
+    from ledger.ingest.pseudonym import create_key
+
+    kf = keys.save_keypair(paths.keys, "gradledger-demo")
+    create_key(paths.pseudonym_key)
+    return kf
+
+
+def init_ledger(paths: Paths) -> Ledger:
+    if paths.ledger.exists():
+        raise FileExistsError(f"{paths.ledger}: already exists; choose an empty --out directory")
+    import audit.aggregates  # noqa: F401  (query aggregates are maintained in each step's transaction)
+
+    return Ledger.create(paths.ledger)
+
+
+def ingest_export(led: Ledger, paths: Paths) -> Any:
+    from ledger import ingest
+
+    return ingest.labelbox(paths.export, led, pseudonym_key=paths.pseudonym_key)
+
+
+def build_manifest(led: Ledger, sim: Simulation) -> Any:
+    """One training example per (non-skipped) label, pinned to its annotation entry, with the image hash."""
+    from ledger.provenance import Manifest
+
+    mapping = {
+        ex: {"label_ids": [lab.label_id], "content_sha256": sim.content_sha256(lab.image)}
+        for ex, lab in sim.examples.items()
+    }
+    return Manifest.create(led, "digits-labelbox", mapping)
+
+
+def write_policy(paths: Paths) -> Any:
+    from instrument import Policy
+
+    paths.policy.write_text(POLICY_YAML, encoding="utf-8")
+    return Policy.load(paths.policy)
+
+
+def assigned_class(value: Any) -> int:
+    """The digit a Labelbox label value assigns (its ``digit`` radio answer)."""
+    for c in value.get("classifications", []):
+        if c.get("name") == "digit":
+            return int(c["radio_answer"]["name"])
+    raise ValueError("label has no 'digit' classification")
+
+
+# ----- 5: training -----------------------------------------------------------------------------------------
+def make_model(seed: int) -> nn.Sequential:
+    """A small CNN for 8×8 digits; its layers (modules owning parameters): conv1, conv2, fc, head."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        OrderedDict(
+            conv1=nn.Conv2d(1, 8, 3, padding=1),
+            act1=nn.ReLU(),
+            conv2=nn.Conv2d(8, 16, 3, padding=1),
+            act2=nn.ReLU(),
+            pool=nn.MaxPool2d(2),
+            flat=nn.Flatten(),
+            fc=nn.Linear(16 * 4 * 4, 64),
+            act3=nn.ReLU(),
+            head=nn.Linear(64, 10),
+        )
+    )
+
+
+@dataclass
+class Dataset:
+    ids: list[str]
+    x: torch.Tensor  # [N, 1, 8, 8]
+    y: torch.Tensor  # [N] the label's assigned class
+    x_test: torch.Tensor
+    y_test: torch.Tensor  # scikit-learn's labels
+
+
+def training_data(sim: Simulation, manifest: Any) -> Dataset:
+    """Inputs from the images, targets from the *ingested* label values (what the ledger says was trained on)."""
+    ids = sorted(manifest)
+    imgs = [sim.examples[ex].image for ex in ids]
+    y = [assigned_class(manifest[ex].value) for ex in ids]
+    mu, sd = sim.images[sim.train_images].mean(), sim.images[sim.train_images].std()
+
+    def tensor(idx: list[int]) -> torch.Tensor:
+        return torch.from_numpy((sim.images[idx] - mu) / sd).float().unsqueeze(1)
+
+    return Dataset(
+        ids,
+        tensor(imgs),
+        torch.tensor(y),
+        tensor(sim.test_images),
+        torch.from_numpy(sim.targets[sim.test_images]),
+    )
+
+
+@dataclass
+class RunOutcome:
+    run: str
+    steps: int
+    final_checkpoint_seq: int
+    test_accuracy: float
+    seconds: float
+    eps: float | None = None
+
+
+def train(
+    led: Ledger,
+    data: Dataset,
+    manifest: Any,
+    config: DemoConfig,
+    run: str,
+    *,
+    policy: Any = None,
+    dp: bool = False,
+    epochs: int | None = None,
+) -> RunOutcome:
+    """Train the CNN with the tracker attached: one ``step`` entry per optimizer step, a checkpoint per epoch."""
+    import instrument
+
+    t0 = time.perf_counter()
+    model = make_model(config.seed)
+    opt = torch.optim.SGD(model.parameters(), lr=config.lr)
+    crit = nn.CrossEntropyLoss()
+    dpc = (
+        instrument.DPConfig(config.noise_multiplier, config.max_grad_norm, config.delta, accountant="rdp")
+        if dp
+        else None
+    )
+    tracker = instrument.attach(
+        model,
+        opt,
+        ledger=led,
+        run=run,
+        policy=policy,
+        labels=manifest,
+        criterion=crit,
+        dp=dpc,
+        seed=config.seed,
+    )
+    gen = torch.Generator().manual_seed(config.seed)
+    n = len(data.ids)
+    for epoch in range(epochs if epochs is not None else config.epochs):
+        tracker.epoch(epoch)
+        perm = torch.randperm(n, generator=gen)
+        for start in range(0, n, config.batch_size):
+            idx = perm[start : start + config.batch_size]
+            with tracker.batch([data.ids[i] for i in idx]):
+                loss = crit(model(data.x[idx]), data.y[idx])
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+        if epoch < (epochs or config.epochs) - 1:
+            tracker.checkpoint(f"epoch-{epoch}")
+    last = tracker.close()
+    with torch.no_grad():
+        acc = float((model(data.x_test).argmax(1) == data.y_test).float().mean())
+    eps = None
+    if dp:
+        eps = led.entry(last).body["dp"]["eps"]
+    steps = tracker.step_index
+    return RunOutcome(run, steps, last, acc, time.perf_counter() - t0, eps)
+
+
+def sign(led: Ledger, kf: keys.KeyFiles, paths: Paths, name: str) -> Path:
+    """Sign (origin, size, root) and keep the note outside the database."""
+    paths.checkpoints.mkdir(exist_ok=True)
+    text = led.sign_checkpoint(keys.load_private_key(kf.private), kf.verifier_key.name)
+    path = paths.checkpoints / f"{name}.txt"
+    path.write_text(text, encoding="utf-8")
     return path
 
 
-def make_key(out: Path) -> keys.KeyFiles:
-    return keys.save_keypair(out / "keys", "gradledger-demo")
+# ----- 6-9: audit --------------------------------------------------------------------------------------------
+def verify_ledger(led: Ledger, checkpoint: Path, kf: keys.KeyFiles) -> VerifyResult:
+    """Full verify: every byte re-hashed, the tree, every stored note, the signed checkpoint, the aggregates."""
+    return led.verify(
+        checkpoint=checkpoint.read_text(encoding="utf-8"), pubkey=keys.load_verifier(kf.public), deep=True
+    )
 
 
-def append_steps(path: Path, steps: int = 24, batch: int = 32, layers: int = 4, seed: int = 0) -> list[int]:
-    """Per-step entries shaped like the tracker's, each with [batch, layers] float32 payloads."""
-    rng = np.random.default_rng(seed)
-    names = [f"layer{i}" for i in range(layers)]
-    with Ledger.open(path) as led:
-        run = led.append("run", {"run": "demo", "layers": names, "seed": seed})
-        items = []
-        for s in range(steps):
-            norms = rng.gamma(2.0, 0.5, size=(batch, layers)).astype(np.float32)
-            losses = rng.random(batch, dtype=np.float32)
-            if s == 5:
-                losses[3] = np.nan  # NaN is legal data and round-trips through the ledger
-            body = {
-                "run": "demo",
-                "run_seq": run,
-                "step": s,
-                "epoch": s // 8,
-                "example_ids": [f"ex-{(s * batch + i) % 200:03d}" for i in range(batch)],
-                "layers": names,
-                "lr": [0.05] * layers,
-            }
-            items.append(("step", body, {"grad_norms": norms, "losses": losses}))
-        return [run, *led.append_many(items)]
+def pseudonym_of(paths: Paths, identity: str) -> str:
+    """The pseudonym ingest gave ``identity`` (the demo holds the key; an auditor does not)."""
+    from ledger.ingest.pseudonym import Pseudonymizer
+
+    return Pseudonymizer.from_file(paths.pseudonym_key).pseudonym(identity)
 
 
-def sign(path: Path, key: keys.KeyFiles, out: Path) -> Path:
-    with Ledger.open(path) as led:
-        text = led.sign_checkpoint(keys.load_private_key(key.private), key.verifier_key.name)
-    cp = out / "checkpoint.txt"
-    cp.write_text(text, encoding="utf-8")
-    return cp
+@dataclass
+class Shaping:
+    """How much one annotator's labels shaped each layer of a run (shares of the ``update`` metric)."""
+
+    run: str
+    annotator: str
+    shares: dict[str, float]  # layer -> share of the layer's total update
+    weights: dict[str, float | None]  # layer -> mean routing weight their labels received
+    examples: int
+    top_annotators: list[dict[str, Any]]  # the head layer by annotator
+    top_labels: list[dict[str, Any]]  # the head layer by label
 
 
-def verify(path: Path, checkpoint: Path | None = None, pubkey: Path | None = None) -> VerifyResult:
-    with Ledger.open(path) as led:
-        cp = checkpoint.read_text(encoding="utf-8") if checkpoint else None
-        return led.verify(checkpoint=cp, pubkey=keys.load_verifier(pubkey) if pubkey else None)
+def who_shaped(led: Ledger, run: str, annotator: str, top: int) -> Shaping:
+    """Which annotators and labels shaped the last layer of ``run``; ``annotator``'s share of every layer."""
+    from audit import query
+
+    res = query.annotator(led, annotator, run=run).runs[0]
+    by_ann = query.layer(led, run, HEAD, by="annotator", top=top)
+    by_label = query.layer(led, run, HEAD, by="label", top=top)
+
+    def short(row: Any) -> dict[str, Any]:
+        keep = ("rank", "key", "score", "share", "weight", "annotator", "consensus", "review", "example_id")
+        return {k: getattr(row, k) for k in keep}
+
+    return Shaping(
+        run,
+        annotator,
+        {r["layer"]: r["update_share"] for r in res["layers"]},
+        {r["layer"]: r["weight"] for r in res["layers"]},
+        res["examples"],
+        [short(r) for r in by_ann.rows],
+        [short(r) for r in by_label.rows],
+    )
 
 
-def tampered_copy(path: Path, out: Path, seq: int) -> Path:
-    """Copy the (closed, checkpointed) database and flip one bit of one payload byte of entry ``seq``."""
-    copy = out / "ledger-tampered.db"
-    shutil.copyfile(path, copy)
+def barred_from_head(manifest: Any, policy: Any, layers: list[str], ids: list[str]) -> list[str]:
+    """Examples whose routing weight for the head is 0 under ``policy`` (recomputed from the provenance)."""
+    bound = policy.bind(layers)
+    weights, _ = bound.route([manifest[ex] for ex in ids])
+    j = layers.index(HEAD)
+    return [ex for ex, w in zip(ids, weights[:, j], strict=True) if w == 0.0]
+
+
+def memorisation(led: Ledger, run: str, wrong: set[str], top: int) -> dict[str, Any]:
+    """Rank memorisation candidates (self-influence) with the loss / AUM baselines; score vs the truth."""
+    from audit.memorization import rank_memorization
+
+    res = rank_memorization(led.steps(run))
+    scores = res.evaluate(wrong & set(res.example_ids))
+    return {
+        "evaluation": scores,
+        "top": [r.to_dict() for r in res.top(top)],
+        "wrong_in_top": sum(r.example_id in wrong for r in res.top(top)),
+        "summary": res.summary,
+    }
+
+
+def tamper_check(paths: Paths, seq: int) -> tuple[Path, VerifyResult]:
+    """Copy the database, flip one bit of one payload byte of entry ``seq``, verify the copy."""
+    copy = paths.out / "ledger-tampered.db"
+    shutil.copyfile(paths.ledger, copy)
     con = sqlite3.connect(copy)
     try:
         (data,) = con.execute(
@@ -88,47 +376,183 @@ def tampered_copy(path: Path, out: Path, seq: int) -> Path:
         con.commit()
     finally:
         con.close()
-    return copy
+    with Ledger.open(copy) as bad:
+        return copy, bad.verify()
 
 
-def run_demo(out: Path, say: Say = print) -> dict[str, Any]:
-    """Run every step into ``out``; returns a summary (paths, sizes, verification outcomes)."""
+def privacy_check(paths: Paths, identities: list[str]) -> list[str]:
+    """E-mail addresses from the export found in the ledger's bytes (database + WAL); should be empty."""
+    blobs = b"".join(p.read_bytes() for p in paths.out.glob("ledger.db*") if p.is_file())
+    return [who for who in identities if who.encode() in blobs or who.upper().encode() in blobs]
+
+
+# ----- the walk-through --------------------------------------------------------------------------------------
+def _fmt_share(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:5.1f}%"
+
+
+def run_demo(out: Path, say: Say = print, config: DemoConfig | None = None) -> dict[str, Any]:
+    """Run every step into ``out``; returns the summary (paths, figures, verification outcomes)."""
+
+    config = config or DemoConfig()
+    t_start = time.perf_counter()
+    threads = torch.get_num_threads()
+    # one thread: these tensors are tiny, and on a shared 2-core machine extra threads only contend (7x slower)
+    torch.set_num_threads(1)
+    try:
+        return _run(out, say, config, t_start)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(out: Path, say: Say, config: DemoConfig, t_start: float) -> dict[str, Any]:
+    from .demo_data import identities
+
     out.mkdir(parents=True, exist_ok=True)
-    path = init_ledger(out)
-    say(f"1. created ledger {path}")
-    key = make_key(out)
-    say(f"2. signing key {key.private} (public: {key.public})")
-    seqs = append_steps(path)
+    paths = Paths(out)
+    if paths.ledger.exists() or paths.keys.exists():
+        raise FileExistsError(
+            f"{out}: already holds a demo (ledger.db / keys); choose an empty --out directory"
+        )
+
+    sim = write_export(paths, config)
+    careless = email(CARELESS)
     say(
-        f"3. appended {len(seqs)} entries (seq {seqs[0]}..{seqs[-1]}), each step with grad_norms and losses payloads"
+        f"1. wrote a Labelbox Export v2 NDJSON of {len(sim.labels)} labels on {len(sim.train_images)} digits "
+        f"images ({len(sim.wrong_examples())} wrong, {len(sim.wrong_examples(careless))} of them by the careless "
+        f"annotator): {paths.export}"
     )
-    cp = sign(path, key, out)
-    say(f"4. signed checkpoint saved outside the database: {cp}")
-    ok = verify(path, cp, key.public)
+    kf = make_keys(paths)
+    say(f"2. keys: signing {kf.private} (public {kf.public}); pseudonym key {paths.pseudonym_key}")
+    led = init_ledger(paths)
+    try:
+        summ = ingest_export(led, paths)
+        say(
+            f"3. ingested into {paths.ledger}: {summ.records} label records, {summ.items} items, "
+            f"{summ.annotators} annotators (pseudonymised), {summ.skipped} skipped"
+        )
+        manifest = build_manifest(led, sim)
+        policy = write_policy(paths)
+        say(
+            f"4. manifest '{manifest.name}' (seq {manifest.seq}, {len(manifest)} examples); policy {paths.policy} "
+            f"({policy.digest[:19]}...)"
+        )
+        data = training_data(sim, manifest)
+        runs: dict[str, RunOutcome] = {}
+        notes: dict[str, Path] = {}
+        runs["governed"] = train(led, data, manifest, config, "digits-cnn", policy=policy)
+        notes["digits-cnn"] = sign(led, kf, paths, "digits-cnn")
+        say(_run_line("5. trained", runs["governed"], notes["digits-cnn"]))
+        if config.baseline:
+            runs["baseline"] = train(led, data, manifest, config, "digits-cnn-unrouted")
+            notes["digits-cnn-unrouted"] = sign(led, kf, paths, "digits-cnn-unrouted")
+            say(_run_line("   baseline without the policy", runs["baseline"], notes["digits-cnn-unrouted"]))
+        if config.dp:
+            runs["dp"] = train(
+                led, data, manifest, config, "digits-cnn-dp", policy=policy, dp=True, epochs=config.dp_epochs
+            )
+            notes["digits-cnn-dp"] = sign(led, kf, paths, "digits-cnn-dp")
+            say(_run_line("   DP-SGD", runs["dp"], notes["digits-cnn-dp"]))
+        last_note = list(notes.values())[-1]
+
+        ok = verify_ledger(led, last_note, kf)
+        say(
+            f"6. verify --deep against {last_note.name} with {kf.public.name}: "
+            f"{'intact' if ok.ok else 'FAILED: ' + str(ok.reason)} ({ok.size} entries, {ok.bytes_hashed:,} bytes "
+            "re-hashed, aggregates rebuilt and compared)"
+        )
+
+        pseud = pseudonym_of(paths, careless)
+        layers = list(_run_layers(led, "digits-cnn"))
+        their = [ex for ex, lab in sim.examples.items() if lab.annotator == careless]
+        barred = barred_from_head(manifest, policy, layers, their)
+        shaping = who_shaped(led, "digits-cnn", pseud, config.top)
+        say(f"7. which annotators shaped the last layer ('{HEAD}') of digits-cnn (update metric):")
+        for r in shaping.top_annotators:
+            flag = "  <- the careless annotator" if r["key"] == pseud else ""
+            say(f"     {r['key']:40s} share {_fmt_share(r['share'])}  mean weight {r['weight']:.2f}{flag}")
+        say(
+            f"   careless annotator {pseud}: {shaping.examples} labels, {len(barred)} of them barred from "
+            f"'{HEAD}' by the policy (low consensus or rejected); share per layer: "
+            + ", ".join(f"{k} {_fmt_share(v)}" for k, v in shaping.shares.items())
+        )
+        base_shaping = None
+        if config.baseline:
+            base_shaping = who_shaped(led, "digits-cnn-unrouted", pseud, config.top)
+            say(
+                f"   without the policy their '{HEAD}' share would be {_fmt_share(base_shaping.shares[HEAD])} "
+                f"(governed: {_fmt_share(shaping.shares[HEAD])})"
+            )
+
+        wrong = sim.wrong_examples()
+        mem = memorisation(led, "digits-cnn", wrong, config.top)
+        ev = mem["evaluation"]
+        say(
+            f"8. memorisation candidates (digits-cnn): AUROC for finding the {len(wrong)} wrong labels: "
+            + ", ".join(f"{k} {v['auroc']:.3f}" for k, v in ev.items())
+            + f"; {mem['wrong_in_top']} of the top {config.top} are wrong labels"
+        )
+        led_size = led.size
+        first_step = next(led.entries(kind="step", payloads=False)).seq
+    finally:
+        led.close()
+    # the file must be closed (WAL checkpointed) before it is copied or grepped
+    bad_path, bad = tamper_check(paths, first_step)
     say(
-        f"5. verify: {'intact' if ok.ok else 'FAILED'} ({ok.size} entries, {ok.bytes_hashed:,} bytes re-hashed)"
+        f"9. flipped one bit of entry {first_step}'s grad_norms in a copy ({bad_path.name}): verify says "
+        f"{'intact' if bad.ok else f'FAILED at seq {bad.first_bad_seq}: {bad.reason}'}"
     )
-    target = seqs[len(seqs) // 2]
-    bad_path = tampered_copy(path, out, target)
-    bad = verify(bad_path)
-    say(f"6. flipped one bit of entry {target}'s grad_norms in {bad_path.name}")
-    say(f"7. verify copy: {'intact' if bad.ok else 'FAILED'} at seq {bad.first_bad_seq}: {bad.reason}")
-    summary = {
-        "ledger": str(path),
-        "tampered_copy": str(bad_path),
-        "checkpoint": str(cp),
-        "private_key": str(key.private),
-        "public_key": str(key.public),
-        "entries": ok.size,
+    leaked = privacy_check(paths, identities())
+    say(f"   e-mail addresses from the export found in the ledger's bytes: {len(leaked)}")
+
+    summary: dict[str, Any] = {
+        "out": str(out),
+        "export": str(paths.export),
+        "ledger": str(paths.ledger),
+        "private_key": str(kf.private),
+        "public_key": str(kf.public),
+        "verifier_key": str(kf.verifier),
+        "pseudonym_key": str(paths.pseudonym_key),
+        "policy": str(paths.policy),
+        "checkpoint": str(last_note),
+        "checkpoints": {k: str(v) for k, v in notes.items()},
+        "entries": led_size,
         "root": ok.root.hex() if ok.root else None,
         "verify_ok": ok.ok,
-        "tampered_seq": target,
+        "verify_reason": ok.reason,
+        "runs": {k: asdict(v) for k, v in runs.items()},
+        "careless_annotator": pseud,
+        "careless_labels": len(their),
+        "careless_barred_from_head": len(barred),
+        "shaping": asdict(shaping),
+        "shaping_unrouted": asdict(base_shaping) if base_shaping else None,
+        "memorisation": mem,
+        "tampered_copy": str(bad_path),
+        "tampered_seq": first_step,
         "tampered_verify_ok": bad.ok,
         "tampered_first_bad_seq": bad.first_bad_seq,
         "tampered_reason": bad.reason,
+        "emails_in_ledger": leaked,
+        "seconds": round(time.perf_counter() - t_start, 1),
     }
-    say(
-        "summary: the original verifies against its signed checkpoint; the one-bit edit is caught at seq "
-        f"{bad.first_bad_seq}"
-    )
+    summary_path = out / "summary.json"
+    summary["summary"] = str(summary_path)
+    summary_path.write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+    say(f"done in {summary['seconds']} s. Files:")
+    for name in ("export", "ledger", "policy", "public_key", "checkpoint", "tampered_copy", "summary"):
+        say(f"   {name:14s} {summary[name]}")
     return summary
+
+
+def _run_layers(led: Ledger, run: str) -> list[str]:
+    from ledger.records import run_record
+
+    return list(run_record(led, run).layers)
+
+
+def _run_line(prefix: str, r: RunOutcome, note: Path) -> str:
+    eps = f", ε = {r.eps:.2f}" if r.eps is not None else ""
+    return (
+        f"{prefix} run '{r.run}': {r.steps} steps in {r.seconds:.1f} s, test accuracy {100 * r.test_accuracy:.1f}%"
+        f"{eps}; signed {note}"
+    )
