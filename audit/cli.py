@@ -18,7 +18,10 @@ def _register() -> None:
     """Import the command modules so their commands attach to ``main``."""
     # Each module calls ``main.add_command`` (or uses ``@main.command``) at import time.
     from audit import (  # noqa: F401
+        cli_analytics,
         cli_demo,
+        cli_export,
+        cli_influence,
         cli_ingest,  # noqa: F401
         cli_ledger,
         cli_query,

@@ -276,24 +276,45 @@ def _report(res: VerifyResult, as_json: bool) -> None:
 
 @main.command("prove")
 @click.argument("ledger")
-@click.option("--seq", required=True, type=click.IntRange(min=0), help="The entry to prove.")
+@click.option("--seq", type=click.IntRange(min=0), default=None, help="The entry to prove.")
 @click.option(
     "--size",
     type=click.IntRange(min=1),
     default=None,
     help="Tree size to prove against (default: all entries).",
 )
+@click.option("--label", "label_id", default=None, help="Prove a label's annotation entry (C2SP tlog-proof).")
+@click.option(
+    "--checkpoint", "checkpoint_path", type=click.Path(path_type=Path), default=None,
+    help="With --label: the signed checkpoint note to prove against (default: the latest stored one).",
+)  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the proof as JSON.")
 @_input_errors
-def prove_cmd(ledger: str, seq: int, size: int | None, as_json: bool) -> None:
-    """Print an RFC 9162 inclusion proof that entry SEQ is in the tree.
+def prove_cmd(
+    ledger: str, seq: int | None, size: int | None, label_id: str | None, checkpoint_path: Path | None, as_json: bool
+) -> None:
+    """Print an RFC 9162 inclusion proof that entry SEQ (or a label's record) is in the tree.
 
     The proof (sibling hashes, bottom-up) leads from the entry's leaf hash to the root of the tree of SIZE
     entries; check it against a signed checkpoint of that size. The proof is verified before printing.
 
+    With --label ID: a C2SP tlog-proof (c2sp.org/tlog-proof@v1) that the label's latest annotation entry is
+    in the signed ledger, with the signed checkpoint note and, on its `extra` line, the entry's leaf data;
+    verifiable offline with the checkpoint key (audit.export.verify_label_proof).
+
     \b
     LEDGER is a SQLite file path, a sqlite:/// URL or a postgresql+psycopg:// URL.
     """
+    if (seq is None) == (label_id is None):
+        _fail("give exactly one of --seq or --label")
+    if label_id is not None:
+        from audit.export import prove_label
+
+        cp_text = None if checkpoint_path is None else _read_text(checkpoint_path, "checkpoint")
+        with Ledger.open(ledger) as led:
+            click.echo(prove_label(led, label_id, cp_text), nl=False)
+        return
+    assert seq is not None
     with Ledger.open(ledger) as led:
         proof = led.prove(seq, size)
         origin = led.origin
