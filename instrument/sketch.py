@@ -556,7 +556,11 @@ def sketch_batch(
 
 # --------------------------------------------------------------------------------------- model states
 class StateError(ValueError):
-    """A model state file is missing or does not match the checkpoint entry it claims to be."""
+    """A model state file is missing or unreadable."""
+
+
+class StateMismatch(StateError):
+    """A state file's tensors do not hash to the checkpoint entry's digests: altered or swapped."""
 
 
 class StateStore:
@@ -624,15 +628,15 @@ class StateStore:
         recorded = dict(checkpoint.tensors)
         if set(tensors) != set(recorded):
             diff = sorted(set(tensors) ^ set(recorded))
-            raise StateError(f"{file}: tensors {diff[:5]} differ from checkpoint entry {checkpoint.seq}")
+            raise StateMismatch(f"{file}: tensors {diff[:5]} differ from checkpoint entry {checkpoint.seq}")
         for key, desc in tensors.items():
             if desc != recorded[key]:
-                raise StateError(
+                raise StateMismatch(
                     f"{file}: tensor {key!r} sha256 {desc['sha256'][:16]}... does not match checkpoint entry "
                     f"{checkpoint.seq} ({recorded[key].get('sha256', '?')[:16]}...): the file was altered or swapped"
                 )
         if digest != want:
-            raise StateError(f"{file}: state_dict_sha256 {digest} != checkpoint entry's {want}")
+            raise StateMismatch(f"{file}: state_dict_sha256 {digest} != checkpoint entry's {want}")
         return state
 
 

@@ -473,3 +473,54 @@ def test_state_files_are_verified_against_the_checkpoint_entry(poisoned_ledger: 
         influence(p.led, "nope", poison_model, p.xq[:2], p.yq[:2])
     with pytest.raises(InfluenceError, match="no checkpoint with seq or tag 'epoch9'"):
         influence(p.led, "poisoned", poison_model, p.xq[:2], p.yq[:2], checkpoints=["epoch9"])
+
+
+def test_cli_influence(
+    poisoned_ledger: SimpleNamespace, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+    import shutil
+
+    from click.testing import CliRunner
+
+    from audit.cli import main
+    from ledger.records import checkpoints
+
+    p = poisoned_ledger
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "qmodel.py").write_text(
+        "from torch import nn\n\n\ndef make():\n"
+        "    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))\n"
+    )
+    np.savez(tmp_path / "q.npz", x=p.xq[:6], y=p.yq[:6], model=np.array("qmodel:make"))
+    runner = CliRunner()
+    args = ["influence", str(p.path), "--run", "poisoned", "--layer", "4", "--input", "q.npz", "--top", "20"]
+    out = runner.invoke(main, [*args, "--combine", "--json"])
+    assert out.exit_code == 0, out.output
+    doc = json.loads(out.output)
+    assert doc["combined"] and doc["queries"] == 6 and len(doc["rows"]) == 20
+    assert sum(r["annotator"] == p.pseudonym for r in doc["rows"]) >= 15
+    text = runner.invoke(main, [*args, "--checkpoints", "last", "--top", "3"])
+    assert text.exit_code == 0, text.output
+    assert "query 5 of q.npz: top proponents" in text.output and p.pseudonym in text.output
+    assert "checkpoints final@" in text.output
+    # a state file that does not match its signed checkpoint entry: verification failure, exit 1
+    states = tmp_path / "states"
+    shutil.copytree(p.store.directory, states)
+    last = checkpoints(p.led, "poisoned")[-1]
+    state = torch.load(states / f"{last.state_dict_sha256}.pt", weights_only=True)
+    state["4.weight"].mul_(1.01)
+    torch.save(state, states / f"{last.state_dict_sha256}.pt")
+    bad = runner.invoke(main, [*args, "--checkpoints", "last", "--states", str(states)])
+    assert bad.exit_code == 1 and "verification failed" in bad.output and "'4.weight'" in bad.output
+    # bad input: exit 2 with a one-line reason
+    np.savez(tmp_path / "nomodel.npz", x=p.xq[:2], y=p.yq[:2])
+    r = runner.invoke(main, ["influence", str(p.path), "--run", "poisoned", "--input", "nomodel.npz"])
+    assert r.exit_code == 2 and "nomodel.npz: missing array 'model'" in r.output
+    np.savez(tmp_path / "badref.npz", x=p.xq[:2], y=p.yq[:2], model=np.array("qmodel:nothere"))
+    r = runner.invoke(main, ["influence", str(p.path), "--run", "poisoned", "--input", "badref.npz"])
+    assert r.exit_code == 2 and "field 'model' = 'qmodel:nothere': cannot import it" in r.output
+    r = runner.invoke(main, [*args[:5], "0", "--input", "q.npz"])
+    assert r.exit_code == 2 and "no sketches for layer(s) ['0']" in r.output
+    r = runner.invoke(main, ["influence", str(tmp_path / "none.db"), "--run", "x", "--input", "q.npz"])
+    assert r.exit_code == 2 and "error:" in r.output
