@@ -63,7 +63,7 @@ class EngineResult:
     clip_factors: Tensor | None  # [B] when max_grad_norm was given
 
 
-@dataclass
+@dataclass(eq=False)
 class _Layer:
     index: int
     name: str
@@ -71,6 +71,8 @@ class _Layer:
     kernel: Kernel
     params: dict[str, nn.Parameter]  # trainable parameters this layer covers, by (relative) name
     subtree: bool  # fallback layers swap the parameters of their whole subtree
+    slots: list[tuple[nn.Module, str]] = field(default_factory=list)  # (owner module, attribute) per param
+    in_pass: bool = False
     calls: list[Call] = field(default_factory=list)
     pending: int = 0
     entered: list[tuple[tuple[Any, ...], dict[str, Any], list[tuple[nn.Module, str, nn.Parameter]]]] = field(
@@ -149,6 +151,7 @@ class GradNormEngine:
         self._pass_b: int | None = None
         self._pass_layers: list[_Layer] = []
         self._cb_queued = False
+        self._pass_sq: dict[int, Tensor] = {}  # layer index → squared norms of this pass (raw backprops)
         self._error: EngineError | None = None
         self._attach_hooks()
 
@@ -188,6 +191,9 @@ class GradNormEngine:
                     )
                 owner_of[id(p)] = name
             lay = _Layer(len(self._layers), name, module, kernel, params, subtree)
+            lay.slots = (
+                [_owner_and_attr(module, n) for n in params] if subtree else [(module, n) for n in params]
+            )
             self._layers.append(lay)
             self._by_module[id(module)] = lay
         if not self._layers:
@@ -268,9 +274,10 @@ class GradNormEngine:
         self._row = 0
         self._pass_b = None
         self._pass_layers = []
+        self._pass_sq = {}
         self._error = None
         for lay in self._layers:
-            lay.calls, lay.pending, lay.deferred, lay.expected = [], 0, None, {}
+            lay.calls, lay.pending, lay.deferred, lay.expected, lay.in_pass = [], 0, None, {}, False
         self._armed = True
 
     def end(self) -> EngineResult:
@@ -293,6 +300,7 @@ class GradNormEngine:
             self._armed = False
             for lay in self._layers:
                 lay.calls, lay.pending, lay.deferred, lay.expected, lay.entered = [], 0, None, {}, []
+                lay.in_pass = False
             self._weights = None
 
     # ------------------------------------------------------------------ forward hooks
@@ -332,12 +340,7 @@ class GradNormEngine:
                 "gradient at its output; index it with a [batch, T] tensor (positions.expand(batch, T))"
             )
         swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
-        owners = (
-            [_owner_and_attr(module, n) for n in lay.params]
-            if lay.subtree
-            else [(module, n) for n in lay.params]
-        )
-        for owner, attr in owners:
+        for owner, attr in lay.slots:
             p = owner._parameters[attr]
             assert p is not None
             swapped.append((owner, attr, p))
@@ -353,6 +356,13 @@ class GradNormEngine:
         args, kwargs, swapped = lay.entered.pop()
         for owner, attr, p in swapped:
             owner._parameters[attr] = p
+        if isinstance(output, Tensor):  # the common case, without pytree
+            if not output.is_floating_point():
+                return None
+            call = Call(args, kwargs, None, 1, [0], [(output.shape, output.dtype, output.device)])
+            (out,) = _Tap.apply(self, lay, call, len(lay.params), *lay.params.values(), output)
+            self._register_call(lay, call)
+            return out
         if output is None:
             return None
         leaves, spec = tree_flatten(output)
@@ -365,11 +375,15 @@ class GradNormEngine:
         outs = _Tap.apply(self, lay, call, len(params), *params, *(leaves[i] for i in tapped))
         for i, t in zip(tapped, outs, strict=True):
             leaves[i] = t
+        self._register_call(lay, call)
+        return tree_unflatten(leaves, spec)
+
+    def _register_call(self, lay: _Layer, call: Call) -> None:
         lay.calls.append(call)
         lay.pending += 1
-        if lay not in self._pass_layers:
+        if not lay.in_pass:
+            lay.in_pass = True
             self._pass_layers.append(lay)
-        return tree_unflatten(leaves, spec)
 
     # ------------------------------------------------------------------ backward side
     def _guard(self, lay: _Layer, pname: str) -> Any:
@@ -418,10 +432,7 @@ class GradNormEngine:
                 except Exception as exc:
                     self._error = EngineError(f"layer {lay.name!r} ({type(lay.module).__name__}): {exc}")
                     raise self._error from exc
-                factor = float(self._pass_b) if self.loss_reduction == "mean" else 1.0
-                self._norms[self._rows(), lay.index] = (
-                    res.norm_sq.clamp(min=0).sqrt().to(self._norms.dtype) * factor
-                )
+                self._pass_sq[lay.index] = res.norm_sq
                 if clipping:
                     lay.deferred = res
                     return None
@@ -470,6 +481,7 @@ class GradNormEngine:
 
     def _clip_and_apply(self) -> None:
         assert self._norms is not None and self._clip is not None and self._max_norm is not None
+        self._flush_norms()
         rows = self._rows()
         n = self._norms[rows]
         if self._weights is not None:
@@ -494,10 +506,26 @@ class GradNormEngine:
             else:
                 p.grad += g.view(p.shape)
 
+    def _flush_norms(self) -> None:
+        """Write this pass's norms: sqrt, Opacus scale (× rows for "mean"), one batched op for all layers."""
+        if not self._pass_sq:
+            return
+        assert self._norms is not None and self._pass_b is not None
+        cols = list(self._pass_sq)
+        sq = torch.stack([self._pass_sq[c] for c in cols], 1).to(self._norms.dtype)
+        factor = float(self._pass_b) if self.loss_reduction == "mean" else 1.0
+        rows = self._rows()
+        if cols == list(range(len(self._layers))):
+            self._norms[rows] = sq.clamp_(min=0).sqrt_().mul_(factor)
+        else:
+            self._norms[rows.start : rows.stop, cols] = sq.clamp_(min=0).sqrt_().mul_(factor)
+        self._pass_sq = {}
+
     def _close_pass(self) -> None:
         assert self._pass_b is not None
+        self._flush_norms()
         for lay in self._pass_layers:
-            lay.calls, lay.pending, lay.deferred = [], 0, None
+            lay.calls, lay.pending, lay.deferred, lay.in_pass = [], 0, None, False
         self._row += self._pass_b
         self._pass_b = None
         self._pass_layers = []

@@ -120,6 +120,14 @@ def trainable(module: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
 
 
+def sq_norms(t: Tensor) -> Tensor:
+    """Per-row squared L2 norm over every dim but 0, as one reduction (no t-sized temporary: on CPU a
+    fresh large buffer costs page faults that can exceed the arithmetic)."""
+    if t.dim() == 1:
+        return t.square()
+    return torch.linalg.vector_norm(t, dim=tuple(range(1, t.dim()))).square()
+
+
 def scaled_rows(t: Tensor, scale: Tensor | None) -> Tensor:
     """``t`` with row ``i`` (dim 0) multiplied by ``scale[i]``; ``t`` itself when ``scale`` is None.
 

@@ -23,6 +23,7 @@ from .base import (
     Request,
     register_kernel,
     scaled_rows,
+    sq_norms,
     trainable,
     weighted_sum,
 )
@@ -58,6 +59,20 @@ def _unfold(
     return F.unfold(x, k, dilation=d, padding=p2, stride=s)  # [c, C_in·kh·kw, L]
 
 
+def _per_sample(
+    module: nn.Conv1d | nn.Conv2d, x: Tensor, pad: tuple[int, ...], g: Tensor, weight: Tensor
+) -> Tensor:
+    """Per-sample weight gradients [n, *weight.shape]: the conv's weight backward with the batch folded into
+    the channel dim and ``groups × n`` groups (one fused ATen call, no unfold buffer)."""
+    n = x.shape[0]
+    _, dw, _ = torch.ops.aten.convolution_backward(
+        g.reshape(1, n * g.shape[1], *g.shape[2:]), x.reshape(1, n * x.shape[1], *x.shape[2:]),
+        weight.repeat(n, *[1] * (weight.dim() - 1)), None, list(module.stride), list(pad),
+        list(module.dilation), False, [0] * len(pad), module.groups * n, [False, True, False],
+    )  # fmt: skip
+    return dw.reshape(n, *weight.shape)
+
+
 @register_kernel(nn.Conv1d, nn.Conv2d)
 def conv_kernel(module: nn.Module, calls: list[Call], req: Request) -> LayerGrads:
     assert isinstance(module, nn.Conv1d | nn.Conv2d)
@@ -78,48 +93,50 @@ def conv_kernel(module: nn.Module, calls: list[Call], req: Request) -> LayerGrad
     if want_b:
         gb = sum(g.reshape(b, c_out, -1).sum(2) for g in gs)
         assert isinstance(gb, Tensor)
-        norm_sq += gb.square().sum(1)
+        norm_sq += sq_norms(gb)
     gram = use_gram(t, d_in, d_out)
     eager_scale = None if req.deferred else req.scale
     dw_acc: Tensor | None = None
+    weight = module.weight.detach()
     if want_w:
-        per_sample = groups * (d_in * t + (2 * t * t if gram else d_out * d_in))
-        chunk = max(1, MATERIALISE_BUDGET // per_sample)
-        keep_ps = not gram and not req.deferred
-        if keep_ps:
-            dw_acc = torch.zeros(groups, d_out, d_in, dtype=dt, device=dev)
-        for lo in range(0, b, chunk):
-            hi = min(b, lo + chunk)
-            us = [_unfold(x[lo:hi], is_1d, k, s, d, pad) for x, pad in inputs]
-            u = us[0] if len(us) == 1 else torch.cat(us, 2)  # [c, g·d_in, T]
-            g = torch.cat([gg[lo:hi].reshape(hi - lo, c_out, -1) for gg in gs], 2)  # [c, g·d_out, T]
-            u = u.reshape(hi - lo, groups, d_in, t)
-            g = g.reshape(hi - lo, groups, d_out, t)
-            if gram:
+        if gram:  # small feature maps: ⟨U Uᵀ, G Gᵀ⟩ over output positions, per group
+            chunk = max(1, MATERIALISE_BUDGET // (groups * (d_in * t + 2 * t * t)))
+            for lo in range(0, b, chunk):
+                hi = min(b, lo + chunk)
+                us = [_unfold(x[lo:hi], is_1d, k, s, d, pad) for x, pad in inputs]
+                u = (us[0] if len(us) == 1 else torch.cat(us, 2)).reshape(hi - lo, groups, d_in, t)
+                g = torch.cat([gg[lo:hi].reshape(hi - lo, c_out, -1) for gg in gs], 2)
+                g = g.reshape(hi - lo, groups, d_out, t)
                 gu = torch.einsum("cgit,cgis->cgts", u, u)
                 gg2 = torch.einsum("cgot,cgos->cgts", g, g)
-                norm_sq[lo:hi] += (gu * gg2).sum((1, 2, 3))
-                del gu, gg2
-            else:
-                ps = torch.einsum("cgot,cgit->cgoi", g, u)  # per-sample weight grads [c, g, d_out, d_in]
-                norm_sq[lo:hi] += ps.square().sum((1, 2, 3))
+                norm_sq[lo:hi] += gu.mul_(gg2).sum((1, 2, 3))
+                del gu, gg2, u, g, us
+        else:  # materialise per-sample weight gradients with ATen's own conv backward, batch as groups
+            chunk = max(1, MATERIALISE_BUDGET // weight.numel())
+            if not req.deferred:
+                dw_acc = torch.zeros_like(weight)
+            for lo in range(0, b, chunk):
+                hi = min(b, lo + chunk)
+                ps = sum(
+                    _per_sample(module, x[lo:hi], pad, g[lo:hi], weight)
+                    for (x, pad), g in zip(inputs, gs, strict=True)
+                )
+                assert isinstance(ps, Tensor)
+                norm_sq[lo:hi] += sq_norms(ps)
                 if dw_acc is not None:
                     dw_acc += weighted_sum(ps, None if eager_scale is None else eager_scale[lo:hi])
                 del ps
-            del u, g, us
-
-    weight = module.weight
 
     def grads(scale: Tensor | None) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
         if want_w:
             if dw_acc is not None and scale is eager_scale:
-                out["weight"] = dw_acc.reshape(weight.shape)
+                out["weight"] = dw_acc
             else:
                 dw = None
                 for (x, pad), g in zip(inputs, gs, strict=True):
                     _, part, _ = torch.ops.aten.convolution_backward(
-                        scaled_rows(g, scale), x, weight.detach(), None, list(module.stride), list(pad),
+                        scaled_rows(g, scale), x, weight, None, list(module.stride), list(pad),
                         list(module.dilation), False, [0] * len(pad), groups, [False, True, False],
                     )  # fmt: skip
                     dw = part if dw is None else dw + part

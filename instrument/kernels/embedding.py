@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import Call, LayerGrads, Request, register_kernel, scaled_rows
+from .base import Call, LayerGrads, Request, register_kernel, scaled_rows, sq_norms
 
 
 def _validate(name: str, module: nn.Module) -> None:
@@ -52,7 +52,7 @@ def embedding_kernel(module: nn.Module, calls: list[Call], req: Request) -> Laye
         flat_g = flat_g[keep.reshape(-1)]
     uniq, inverse = torch.unique(flat_key, return_inverse=True)
     sums = torch.zeros(uniq.shape[0], dim, dtype=g.dtype, device=g.device).index_add_(0, inverse, flat_g)
-    norm_sq = torch.zeros(b, dtype=g.dtype, device=g.device).index_add_(0, uniq // num, sums.square().sum(1))
+    norm_sq = torch.zeros(b, dtype=g.dtype, device=g.device).index_add_(0, uniq // num, sq_norms(sums))
     del sums
     flat_idx = idx.reshape(-1) if keep is None else idx.reshape(-1)[keep.reshape(-1)]
 

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from .base import Call, LayerGrads, Request, weighted_sum
+from .base import Call, LayerGrads, Request, sq_norms, weighted_sum
 
 
 def _batch_dim(module: nn.Module) -> int:
@@ -115,7 +115,7 @@ def fallback_kernel(module: nn.Module, calls: list[Call], req: Request) -> Layer
             raise RuntimeError(f"exact per-sample fallback (torch.func) failed: {exc}") from exc
         total = per if total is None else {n: total[n] + per[n] for n in total}
     assert total is not None
-    norm_sq = sum(g.reshape(b, -1).square().sum(1) for g in total.values())
+    norm_sq = sum(sq_norms(g) for g in total.values())
     assert isinstance(norm_sq, Tensor)
     per_sample = total
 

@@ -26,6 +26,7 @@ from .base import (
     Request,
     register_kernel,
     scaled_rows,
+    sq_norms,
     trainable,
     weighted_sum,
 )
@@ -47,10 +48,20 @@ def linear_parts(
     """
     b, t, d_in = x.shape
     d_out = g.shape[2]
+    if t == 1 and want_weight:  # 2-D inputs: ‖g_i‖²(‖a_i‖² + [bias]) in four vector ops
+        g_sq = sq_norms(g)
+        x_sq = sq_norms(x)
+        norm_sq = g_sq * (x_sq + 1.0) if want_bias else g_sq * x_sq
+
+        def gemm_2d(scale: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+            g2 = scaled_rows(g, scale).reshape(b, d_out)
+            return g2.t().mm(x.reshape(b, d_in)), (g2.sum(0) if want_bias else None)
+
+        return norm_sq, gemm_2d
     norm_sq = torch.zeros(b, dtype=g.dtype, device=g.device)
     if want_bias:
         gb = g[:, 0, :] if t == 1 else g.sum(1)
-        norm_sq += gb.square().sum(1)
+        norm_sq += sq_norms(gb)
     if not want_weight:
 
         def bias_only(scale: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
@@ -60,11 +71,11 @@ def linear_parts(
 
     if use_gram(t, d_in, d_out):
         if t == 1:
-            norm_sq += g[:, 0, :].square().sum(1) * x[:, 0, :].square().sum(1)
+            norm_sq += sq_norms(g) * sq_norms(x)
         else:
             gram_x = torch.bmm(x, x.transpose(1, 2))
             gram_g = torch.bmm(g, g.transpose(1, 2))
-            norm_sq += (gram_x * gram_g).sum((1, 2))
+            norm_sq += gram_x.mul_(gram_g).sum((1, 2))
             del gram_x, gram_g
 
         def gemm(scale: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
@@ -81,7 +92,7 @@ def linear_parts(
     dw_acc = None if req.deferred else torch.zeros(d_out, d_in, dtype=g.dtype, device=g.device)
     for s in range(0, b, chunk):
         ps = torch.bmm(g[s : s + chunk].transpose(1, 2), x[s : s + chunk])  # [c, d_out, d_in]
-        norm_sq[s : s + chunk] += ps.square().sum((1, 2))
+        norm_sq[s : s + chunk] += sq_norms(ps)
         if dw_acc is not None:
             dw_acc += weighted_sum(ps, None if eager_scale is None else eager_scale[s : s + chunk])
         del ps

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from .base import Call, LayerGrads, trainable, weighted_sum
+from .base import Call, LayerGrads, sq_norms, trainable, weighted_sum
 
 PerSample = Callable[[Call], dict[str, Tensor]]
 
@@ -29,7 +29,7 @@ def materialised(module: nn.Module, calls: list[Call], per_sample: PerSample) ->
     b = next(iter(total.values())).shape[0]
     norm_sq = torch.zeros(b, dtype=calls[0].grad_output.dtype, device=calls[0].grad_output.device)
     for g in total.values():
-        norm_sq += g.reshape(b, -1).square().sum(1)
+        norm_sq += sq_norms(g)
 
     def grads(scale: Tensor | None) -> dict[str, Tensor]:
         return {n: weighted_sum(g, scale) for n, g in total.items()}
