@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
             wl = Workload(model, b, args.quick)
             times = time_variants(wl, names, rounds, steps=1 if args.quick else 2)
             mem = {}
-            if not args.no_memory:
+            if not args.no_memory and not (args.quick and results):  # quick: first workload only
                 mem_names = ["plain", "norms"] if args.quick else names
                 mem = {n: measure_memory(wl, n, args.threads) for n in mem_names}
             for n in names:

@@ -1,0 +1,38 @@
+"""benchmarks/step_overhead.py --quick runs every variant and reports sane numbers (speed is not tested)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def test_quick_benchmark_runs_all_variants(capsys: pytest.CaptureFixture[str]) -> None:
+    import step_overhead
+
+    assert step_overhead.main(["--quick", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    variants = set(step_overhead.VARIANTS)
+    assert {"plain", "norms", "routing", "opacus_hooks", "opacus_ghost"} <= variants
+    for model in ("mlp", "cnn", "transformer"):
+        got = {r["variant"] for r in rows if r["model"] == model}
+        assert got == variants, model
+    for r in rows:
+        assert r["cpu_ms"] > 0 and r["wall_ms"] > 0 and r["cpu_x_plain"] > 0
+        if r["variant"] == "plain":
+            assert r["cpu_x_plain"] == 1.0
+    mem = [r for r in rows if r["peak_extra_mib"] is not None]
+    assert {r["variant"] for r in mem} == {"plain", "norms"} and all(r["peak_extra_mib"] > 0 for r in mem)
+
+
+def test_unknown_variant_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    import step_overhead
+
+    assert step_overhead.main(["--quick", "--variants", "plain,nope", "--no-memory"]) == 2
+    assert "unknown variants ['nope']" in capsys.readouterr().err
