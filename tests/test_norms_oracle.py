@@ -252,3 +252,11 @@ def test_functional_entry_point(reduction: str) -> None:
     for i, n in enumerate(names):
         assert norms[n].shape == (3,)
         torch.testing.assert_close(norms[n], ref[:, i], rtol=1e-6, atol=1e-9)
+
+
+def test_conv_chunking(monkeypatch: pytest.MonkeyPatch) -> None:
+    from instrument.kernels import conv as conv_kernel_mod
+
+    monkeypatch.setattr(conv_kernel_mod, "MATERIALISE_BUDGET", 100)  # one sample per chunk
+    model = f64(nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(75, 2)))
+    check_model(model, torch.randn(4, 2, 5, 5, dtype=torch.float64), "mean")
