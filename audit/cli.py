@@ -25,6 +25,7 @@ def _register() -> None:
         cli_ingest,  # noqa: F401
         cli_ledger,
         cli_query,
+        cli_report,
     )
 
 
