@@ -111,8 +111,8 @@ steps = Table(
     Column("idx", LargeBinary, nullable=False),  # <i4 [B] example indices
     Column("norms", LargeBinary, nullable=False),  # <f4 [L, B] grad norms, layer-major
     Column("wtab", LargeBinary, nullable=False),  # <f4 [R, L] distinct routing-weight rows
-    Column("wrow", LargeBinary, nullable=False),  # <i4 [B] row of wtab per sample
-    Column("scale", LargeBinary, nullable=False),  # <f8 [B] c_i / d_i
+    Column("wrow", LargeBinary, nullable=False),  # [B] row of wtab per sample: <u1 if <= 256 rows, else <i4
+    Column("scale", LargeBinary, nullable=False),  # <f8 [B] c_i / d_i, or one value when all equal
     Column("lr", LargeBinary, nullable=False),  # <f8 [L] (NaN: no learning rate)
     Index("ix_qa_steps_epoch", "run_seq", "epoch", "seq"),
 )
@@ -132,24 +132,29 @@ base = Table(
 
 @dataclass
 class StepData:
-    """One ``qa_steps`` row decoded (``norms`` may hold only some layers: ``layers`` says which)."""
+    """One ``qa_steps`` row decoded for some layers (``norms``/``weights``/``lr`` rows = those layers)."""
 
     seq: int
     epoch: int
     step: int
     idx: np.ndarray  # [B] int
-    norms: np.ndarray  # [len(layers), B] float32
-    weights: np.ndarray  # [len(layers), B] float32
+    norms: np.ndarray  # [n_sel, B] float32
+    weights: np.ndarray  # [n_sel, B] float32
     scale: np.ndarray  # [B] float64
-    lr: np.ndarray  # [len(layers)] float64
+    lr: np.ndarray  # [n_sel] float64
 
 
-def contributions(sd: StepData) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(update, self_influence, finite mask), each [layers, B] float64; non-finite entries set to 0."""
-    n = sd.norms.astype(np.float64)
-    lr = sd.lr[:, None]
-    upd = lr * sd.weights.astype(np.float64) * n * sd.scale[None, :]
-    sin = lr * (n * n)
+def contributions_of(
+    lr: np.ndarray, w: np.ndarray, n: np.ndarray, scale: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(update, self_influence, finite mask) elementwise in float64; non-finite entries set to 0.
+
+    ``update = ((lr * w) * n) * scale`` and ``self_influence = lr * (n * n)``, evaluated in exactly this order
+    everywhere (folds, queries, label profiles), so the same inputs always give the same bits.
+    """
+    n64 = n.astype(np.float64)
+    upd = lr * w.astype(np.float64) * n64 * scale
+    sin = lr * (n64 * n64)
     ok = np.isfinite(upd) & np.isfinite(sin)
     if not ok.all():
         upd = np.where(ok, upd, 0.0)
@@ -157,24 +162,40 @@ def contributions(sd: StepData) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return upd, sin, ok
 
 
+def contributions(sd: StepData) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(update, self_influence, finite mask) of one decoded step, each [n_sel, B]."""
+    return contributions_of(sd.lr[:, None], sd.weights, sd.norms, sd.scale[None, :])
+
+
+def _wrow(blob: bytes, b: int) -> np.ndarray:
+    return np.frombuffer(blob, "<u1" if len(blob) == b else "<i4")
+
+
+def _scale(blob: bytes, b: int) -> np.ndarray:
+    s = np.frombuffer(blob, "<f8")
+    return np.full(b, s[0]) if s.size == 1 else s
+
+
+def _parts(row: Any, n_layers: int, sel: Sequence[int]) -> tuple[Any, ...]:
+    seq, epoch, step, idx_b, norms_b, wtab_b, wrow_b, scale_b, lr_b = row
+    idx = np.frombuffer(idx_b, "<i4")
+    b = idx.size
+    norms = np.frombuffer(norms_b, "<f4").reshape(-1, b)
+    if norms.shape[0] != len(sel):  # the whole f4[L, B] blob (not sliced in SQL)
+        norms = norms[list(sel)]
+    wtab = np.frombuffer(wtab_b, "<f4").reshape(-1, n_layers)[:, list(sel)]
+    lr = np.frombuffer(lr_b, "<f8")[list(sel)]
+    return int(seq), int(epoch), int(step), idx, norms, wtab, _wrow(wrow_b, b), _scale(scale_b, b), lr
+
+
 def decode_step(row: Any, n_layers: int, sel: Sequence[int] | None = None) -> StepData:
     """Decode a (seq, epoch, step, idx, norms, wtab, wrow, scale, lr) row for the layers ``sel`` (default all).
 
     ``norms`` may be the whole ``f4[L, B]`` blob or, when the query sliced it in SQL, only the rows of ``sel``.
     """
-    seq, epoch, step, idx_b, norms_b, wtab_b, wrow_b, scale_b, lr_b = row
-    idx = np.frombuffer(idx_b, "<i4")
-    b = idx.size
     sel = list(range(n_layers)) if sel is None else list(sel)
-    norms = np.frombuffer(norms_b, "<f4").reshape(-1, b)
-    if norms.shape[0] == n_layers and len(sel) != n_layers:
-        norms = norms[sel]
-    wtab = np.frombuffer(wtab_b, "<f4").reshape(-1, n_layers)
-    wrow = np.frombuffer(wrow_b, "<i4")
-    lr = np.frombuffer(lr_b, "<f8")[sel]
-    return StepData(
-        int(seq), int(epoch), int(step), idx, norms, wtab[:, sel][wrow].T, np.frombuffer(scale_b, "<f8"), lr
-    )
+    seq, epoch, step, idx, norms, wtab, wrow, scale, lr = _parts(row, n_layers, sel)
+    return StepData(seq, epoch, step, idx, norms, wtab[wrow].T, scale, lr)
 
 
 STEP_COLUMNS = (
@@ -205,16 +226,16 @@ class Sums:
         return {"update": self.update, "self_influence": self.self_influence, "weight": self.weight}[name]
 
 
-def sum_steps(rows: Iterable[StepData], n_examples: int, n_sel: int) -> Sums:
-    """Per-example sums over decoded steps, accumulated with one ``bincount`` per layer (input order)."""
-    idxs, upds, sins, ws, oks = [], [], [], [], []
-    for sd in rows:
-        u, s, ok = contributions(sd)
-        idxs.append(sd.idx)
-        upds.append(u)
-        sins.append(s)
-        ws.append(sd.weights)
-        oks.append(ok)
+def sum_rows(rows: Iterable[Any], n_examples: int, n_layers: int, sel: Sequence[int]) -> Sums:
+    """Per-example sums of the layers ``sel`` over raw ``qa_steps`` rows (in the given order).
+
+    ``norms`` in the rows may be whole ``f4[L, B]`` blobs or already the ``sel`` rows. Vectorised over all the
+    rows' sample-steps at once (per-row Python work is only collecting bytes), then
+    one ``bincount`` per layer and metric, which accumulates in input order: the same rows in the same order
+    always give the same bits.
+    """
+    sel = list(sel)
+    n_sel = len(sel)
     out = Sums(
         np.zeros((n_sel, n_examples)),
         np.zeros((n_sel, n_examples)),
@@ -223,28 +244,73 @@ def sum_steps(rows: Iterable[StepData], n_examples: int, n_sel: int) -> Sums:
         np.zeros(n_sel, dtype=np.int64),
         0,
     )
-    if not idxs:
+    rows = list(rows)
+    if not rows:
         return out
-    idx = np.concatenate(idxs)
-    out.samples = int(idx.size)
+    # Column-wise: join each column's bytes once instead of decoding row by row (7,800 rows in ~50 ms).
+    idx_b = [r[3] for r in rows]
+    size = np.fromiter((len(x) // 4 for x in idx_b), np.int64, len(rows))
+    idx = np.frombuffer(b"".join(idx_b), "<i4")
+    total = idx.size
+    out.samples = int(total)
     out.count = np.bincount(idx, minlength=n_examples).astype(np.float64)
+    norm_b = [r[4] for r in rows]
+    if all(len(x) == 4 * n * n_sel for x, n in zip(norm_b, size.tolist(), strict=True)):
+        # already the selected layers (sliced in SQL when n_sel == 1); rows are [n_sel, B] per step
+        norm_all = (
+            np.frombuffer(b"".join(norm_b), "<f4")[None, :]
+            if n_sel == 1
+            else np.concatenate(
+                [
+                    np.frombuffer(x, "<f4").reshape(n_sel, n)
+                    for x, n in zip(norm_b, size.tolist(), strict=True)
+                ],
+                axis=1,
+            )
+        )
+    else:
+        norm_all = np.concatenate(
+            [np.frombuffer(x, "<f4").reshape(-1, n)[sel] for x, n in zip(norm_b, size.tolist(), strict=True)],
+            axis=1,
+        )
+    wtab_b = [r[5] for r in rows]
+    nrows = np.fromiter((len(x) // (4 * n_layers) for x in wtab_b), np.int64, len(rows))
+    wtab_all = np.frombuffer(b"".join(wtab_b), "<f4").reshape(-1, n_layers)[:, sel]  # [ΣR, n_sel]
+    wrow_b = [r[6] for r in rows]
+    if all(len(x) == n for x, n in zip(wrow_b, size.tolist(), strict=True)):
+        wrow = np.frombuffer(b"".join(wrow_b), "<u1").astype(np.int64)
+    else:
+        wrow = np.concatenate([_wrow(x, n) for x, n in zip(wrow_b, size.tolist(), strict=True)]).astype(
+            np.int64
+        )
+    wrow_all = wrow + np.repeat(np.cumsum(nrows) - nrows, size)
+    scale_b = [r[7] for r in rows]
+    if all(len(x) == 8 for x in scale_b):
+        scale_all = np.repeat(np.frombuffer(b"".join(scale_b), "<f8"), size)
+    else:
+        scale_all = np.concatenate([_scale(x, n) for x, n in zip(scale_b, size.tolist(), strict=True)])
+    lr_all = np.frombuffer(b"".join(r[8] for r in rows), "<f8").reshape(-1, n_layers)[
+        :, sel
+    ]  # [steps, n_sel]
     for j in range(n_sel):
-        out.update[j] = np.bincount(idx, np.concatenate([u[j] for u in upds]), n_examples)
-        out.self_influence[j] = np.bincount(idx, np.concatenate([s[j] for s in sins]), n_examples)
-        out.weight[j] = np.bincount(idx, np.concatenate([w[j] for w in ws]).astype(np.float64), n_examples)
-        out.excluded[j] = sum(int((~ok[j]).sum()) for ok in oks)
+        w = wtab_all[wrow_all, j]
+        upd, sin, ok = contributions_of(np.repeat(lr_all[:, j], size), w, norm_all[j], scale_all)
+        out.update[j] = np.bincount(idx, upd, n_examples)
+        out.self_influence[j] = np.bincount(idx, sin, n_examples)
+        out.weight[j] = np.bincount(idx, w.astype(np.float64), n_examples)
+        out.excluded[j] = int(ok.size - np.count_nonzero(ok))
     return out
 
 
 def _distinct_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(distinct rows in first-seen order, row index per sample): routing weights take few distinct rows."""
-    seen: dict[bytes, int] = {}
-    rows = np.empty(w.shape[0], dtype=np.int64)
-    for i in range(w.shape[0]):
-        rows[i] = seen.setdefault(w[i].tobytes(), len(seen))
-    first = np.empty(len(seen), dtype=np.int64)
-    first[rows[::-1]] = np.arange(w.shape[0] - 1, -1, -1)
-    return w[first], rows
+    w = np.ascontiguousarray(w, dtype="<f4")
+    v = w.view(np.dtype((np.void, w.dtype.itemsize * w.shape[1]))).ravel()
+    _, first, inv = np.unique(v, return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    return w[first[order]], rank[inv.reshape(-1)]
 
 
 def _pad(a: np.ndarray, n: int) -> np.ndarray:
@@ -381,8 +447,8 @@ class QueryAggregates:
                 "idx": idx.astype("<i4").tobytes(),
                 "norms": np.ascontiguousarray(norms.T, dtype="<f4").tobytes(),
                 "wtab": np.ascontiguousarray(wtab, dtype="<f4").tobytes(),
-                "wrow": wrow.reshape(-1).astype("<i4").tobytes(),
-                "scale": scale.astype("<f8").tobytes(),
+                "wrow": wrow.astype("<u1" if wtab.shape[0] <= 256 else "<i4").tobytes(),
+                "scale": (scale[:1] if (scale == scale[0]).all() else scale).astype("<f8").tobytes(),
                 "lr": lr.astype("<f8").tobytes(),
             }
         )
@@ -459,7 +525,7 @@ class QueryAggregates:
             .where(steps.c.run_seq == r.run_seq, steps.c.seq > r.folded_through, steps.c.seq <= through)
             .order_by(steps.c.seq)
         )
-        sums = sum_steps((decode_step(row, n_l) for row in conn.execute(q)), r.n_examples, n_l)
+        sums = sum_rows(conn.execute(q), r.n_examples, n_l, range(n_l))
         old = {
             (m, int(layer)): np.frombuffer(data, "<f8")
             for m, layer, data in conn.execute(

@@ -27,7 +27,7 @@ from ledger import schema
 from ledger.store import Ledger
 
 from . import aggregates as agg
-from .aggregates import Sums, decode_step, steps, sum_steps
+from .aggregates import Sums, decode_step, steps, sum_rows
 
 BY = ("label", "annotator", "source", "domain")
 METRIC_NAMES = {"update": "update", "self-influence": "self_influence", "self_influence": "self_influence"}
@@ -203,10 +203,9 @@ def _layer_index(info: _RunInfo, layer: str) -> int:
     return info.layers.index(layer)
 
 
-def _step_rows(conn: Connection, info: _RunInfo, sel: Sequence[int], where: Any) -> Any:
-    """Decoded qa_steps rows matching ``where``; a single layer's norms are sliced in SQL."""
+def _raw_rows(conn: Connection, info: _RunInfo, sel: Sequence[int], where: Any) -> Any:
+    """qa_steps rows matching ``where`` in seq order; a single layer's norms are sliced in SQL."""
     s = steps
-    n_l = len(info.layers)
     norms: Any = s.c.norms
     if len(sel) == 1:
         width = func.length(s.c.idx)  # 4 bytes per sample, the same as one layer's f4 norms
@@ -216,8 +215,14 @@ def _step_rows(conn: Connection, info: _RunInfo, sel: Sequence[int], where: Any)
         .where(s.c.run_seq == info.run_seq, where)
         .order_by(s.c.seq)
     )
-    for row in conn.execute(q):
-        yield decode_step(tuple(bytes(v) if isinstance(v, memoryview) else v for v in row), n_l, sel)
+    yield from conn.execute(q).all()
+
+
+def _step_rows(conn: Connection, info: _RunInfo, sel: Sequence[int], where: Any) -> Any:
+    for row in _raw_rows(conn, info, sel, where):
+        yield decode_step(
+            tuple(bytes(v) if isinstance(v, memoryview) else v for v in row), len(info.layers), sel
+        )
 
 
 def _sums(conn: Connection, info: _RunInfo, sel: Sequence[int], epochs: tuple[int, int] | None) -> Sums:
@@ -226,8 +231,8 @@ def _sums(conn: Connection, info: _RunInfo, sel: Sequence[int], epochs: tuple[in
     s = steps
     if epochs is not None:
         where = s.c.epoch.between(epochs[0], epochs[1])
-        return sum_steps(_step_rows(conn, info, sel, where), n, len(sel))
-    tail = sum_steps(_step_rows(conn, info, sel, s.c.seq > info.folded_through), n, len(sel))
+        return sum_rows(_raw_rows(conn, info, sel, where), n, len(info.layers), sel)
+    tail = sum_rows(_raw_rows(conn, info, sel, s.c.seq > info.folded_through), n, len(info.layers), sel)
     b = agg.base
     pos = {j: k for k, j in enumerate(sel)}
     q = select(b.c.metric, b.c.layer, b.c.data).where(
