@@ -4,7 +4,7 @@
 summary. Each step is a small function so the examples (``examples/digits_governed.py``) and tests can reuse
 them:
 
-1. ``write_export``: a simulated Labelbox Export v2 NDJSON for scikit-learn's ``load_digits`` (``audit.demo_data``:
+1. ``write_annotations``: a simulated Labelbox Export v2 NDJSON for scikit-learn's ``load_digits`` (``audit.demo_data``:
    careful annotators, one careless one, consensus rows, reviews that reject, gold rows; e-mail identities).
 2. ``make_keys`` / ``init_ledger`` / ``ingest_export``: a signing key pair, the ledger, the pseudonymised ingest.
 3. ``build_manifest``: one training example per label (a consensus row gives three), with content hashes.
@@ -15,10 +15,10 @@ them:
 7. ``who_shaped``: which annotators / labels shaped the last layer (``audit.query``), against the baseline.
 8. ``memorisation``: memorisation / mislabel candidates with the loss and AUM baselines, scored against the
    simulation's ground truth.
-9. ``tamper_check``: flip one bit in a copy of the database; verify names the entry.
+11. ``tamper_check``: flip one bit in a copy of the database; verify names the entry.
 
-The report, lineage graph and signed export steps are added when ``audit.report`` / ``audit.lineage`` /
-``audit.export`` exist in this checkout (see ``_optional_steps``).
+10. ``write_lineage``: the run's lineage graph as GraphML; ``write_export``: a signed provenance export with
+    evidence; ``auditor_verify``: the export verified with the bundle and the public key only.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ class Paths:
 
 
 # ----- 1-4: data, keys, ledger, ingest, manifest, policy -----------------------------------------------------
-def write_export(paths: Paths, config: DemoConfig) -> Simulation:
+def write_annotations(paths: Paths, config: DemoConfig) -> Simulation:
     sim = simulate(SimulationConfig(seed=config.seed, limit=config.limit))
     write_labelbox_export(sim, paths.export)
     return sim
@@ -386,6 +386,38 @@ def privacy_check(paths: Paths, identities: list[str]) -> list[str]:
     return [who for who in identities if who.encode() in blobs or who.upper().encode() in blobs]
 
 
+def write_lineage(led: Ledger, paths: Paths, run: str) -> tuple[Path, int, int]:
+    """The run's lineage graph (annotator → label → example → run → layer → checkpoint) as GraphML."""
+    from audit import lineage
+
+    g = lineage.graph(led, run=run)
+    path = paths.out / "lineage.graphml"
+    lineage.write(g, path, "graphml")
+    return path, g.number_of_nodes(), g.number_of_edges()
+
+
+def write_export(led: Ledger, kf: keys.KeyFiles, paths: Paths, run: str, top: int) -> Path:
+    """A signed provenance export (DSSE over an in-toto Statement) with the run's entries and their proofs."""
+    from audit.export import build_export
+
+    bundle = build_export(
+        led, run, keys.load_private_key(kf.private), kf.verifier_key.name, evidence=True, top=top
+    )
+    path = paths.out / "bundle.json"
+    path.write_text(json.dumps(bundle) + "\n", encoding="utf-8")
+    return path
+
+
+def auditor_verify(bundle: Path, public_key: Path) -> Any:
+    """What an auditor runs: the bundle file and the public key, nothing else (``gradledger verify-export``).
+
+    Raises ``ledger.note.VerificationError`` (exit 1) or ``audit.export.BundleError`` (exit 2) on failure.
+    """
+    from audit.export import verify_bundle
+
+    return verify_bundle(bundle.read_bytes(), keys.load_verifier(public_key))
+
+
 # ----- the walk-through --------------------------------------------------------------------------------------
 def _fmt_share(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:5.1f}%"
@@ -415,7 +447,7 @@ def _run(out: Path, say: Say, config: DemoConfig, t_start: float) -> dict[str, A
             f"{out}: already holds a demo (ledger.db / keys); choose an empty --out directory"
         )
 
-    sim = write_export(paths, config)
+    sim = write_annotations(paths, config)
     careless = email(CARELESS)
     say(
         f"1. wrote a Labelbox Export v2 NDJSON of {len(sim.labels)} labels on {len(sim.train_images)} digits "
@@ -492,14 +524,27 @@ def _run(out: Path, say: Say, config: DemoConfig, t_start: float) -> dict[str, A
             + ", ".join(f"{k} {v['auroc']:.3f}" for k, v in ev.items())
             + f"; {mem['wrong_in_top']} of the top {config.top} are wrong labels"
         )
+        graph_path, n_nodes, n_edges = write_lineage(led, paths, "digits-cnn")
+        say(f"9. lineage graph of digits-cnn: {n_nodes} nodes, {n_edges} edges -> {graph_path} (GraphML)")
+        bundle_path = write_export(led, kf, paths, "digits-cnn", config.top)
+        say(
+            f"10. signed provenance export of digits-cnn (DSSE, in-toto Statement, entries with inclusion "
+            f"proofs): {bundle_path} ({bundle_path.stat().st_size:,} bytes)"
+        )
         led_size = led.size
         first_step = next(led.entries(kind="step", payloads=False)).seq
     finally:
         led.close()
+
+    report = auditor_verify(bundle_path, kf.public)
+    say(
+        f"11. as an auditor, with {bundle_path.name} and {kf.public.name} only: "
+        + ", ".join(f"{c.name} {c.status}" for c in report.checks)
+    )
     # the file must be closed (WAL checkpointed) before it is copied or grepped
     bad_path, bad = tamper_check(paths, first_step)
     say(
-        f"9. flipped one bit of entry {first_step}'s grad_norms in a copy ({bad_path.name}): verify says "
+        f"12. flipped one bit of entry {first_step}'s grad_norms in a copy ({bad_path.name}): verify says "
         f"{'intact' if bad.ok else f'FAILED at seq {bad.first_bad_seq}: {bad.reason}'}"
     )
     leaked = privacy_check(paths, identities())
@@ -527,6 +572,12 @@ def _run(out: Path, say: Say, config: DemoConfig, t_start: float) -> dict[str, A
         "shaping": asdict(shaping),
         "shaping_unrouted": asdict(base_shaping) if base_shaping else None,
         "memorisation": mem,
+        "lineage": str(graph_path),
+        "lineage_nodes": n_nodes,
+        "lineage_edges": n_edges,
+        "bundle": str(bundle_path),
+        "bundle_checks": [asdict(c) for c in report.checks],
+        "bundle_verify_ok": all(c.status == "ok" for c in report.checks),
         "tampered_copy": str(bad_path),
         "tampered_seq": first_step,
         "tampered_verify_ok": bad.ok,
@@ -539,7 +590,17 @@ def _run(out: Path, say: Say, config: DemoConfig, t_start: float) -> dict[str, A
     summary["summary"] = str(summary_path)
     summary_path.write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
     say(f"done in {summary['seconds']} s. Files:")
-    for name in ("export", "ledger", "policy", "public_key", "checkpoint", "tampered_copy", "summary"):
+    for name in (
+        "export",
+        "ledger",
+        "policy",
+        "public_key",
+        "checkpoint",
+        "lineage",
+        "bundle",
+        "tampered_copy",
+        "summary",
+    ):
         say(f"   {name:14s} {summary[name]}")
     return summary
 

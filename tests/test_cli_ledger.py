@@ -253,15 +253,3 @@ def test_bad_checkpoints(setup: dict[str, Path]) -> None:
 def test_prove_out_of_range(setup: dict[str, Path]) -> None:
     res = run("prove", setup["ledger"], "--seq", "99")
     assert res.exit_code == 2 and "seq 99" in one_error_line(res)
-
-
-def test_demo_command(tmp_path: Path) -> None:
-    out = tmp_path / "demo"
-    res = run("demo", "--out", out, "--json")
-    assert res.exit_code == 0, res.stderr
-    summary = json.loads(res.stdout)
-    assert summary["verify_ok"] and not summary["tampered_verify_ok"]
-    assert summary["tampered_first_bad_seq"] == summary["tampered_seq"]
-    assert (out / "checkpoint.txt").exists() and (out / "ledger-tampered.db").exists()
-    res = run("demo", "--out", out)
-    assert res.exit_code == 2 and "already exists" in one_error_line(res)
