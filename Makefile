@@ -18,7 +18,9 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# demo-out/ is regenerated on every run (the demo refuses a directory that already holds one).
 demo: $(STAMP)
+	rm -rf demo-out
 	$(VENV)/bin/gradledger demo --out demo-out
 
 lint: $(STAMP)
