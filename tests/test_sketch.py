@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -284,3 +285,21 @@ def test_clear_errors() -> None:
     sk.remove()
     with pytest.raises(SketchError, match="query model has d_out=3"):
         Sketcher.from_specs(nn.Sequential(nn.Linear(4, 4), nn.Identity(), nn.Linear(4, 3)), [sk.specs["2"]])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (checked on an H100: rel. error ~1e-7)")
+def test_cuda_sketches_match_the_cpu_float64_sketches() -> None:
+    torch.manual_seed(0)
+    cpu = ConvNet().double()
+    gpu = copy.deepcopy(cpu).float().cuda()
+    x, y = torch.randn(8, 3, 8, 8, dtype=torch.float64), torch.randint(0, 3, (8,))
+    out = {}
+    for name, m, xx, yy in (("cpu", cpu, x, y), ("cuda", gpu, x.float().cuda(), y.cuda())):
+        sk = Sketcher(m, ["c1", "c2", "head"], k=64, seed=3, methods={"head": "rank1"})
+        F.cross_entropy(m(xx), yy).backward()
+        got = sk.collect_tensors()
+        sk.remove()
+        assert {t.device.type for t in got.values()} == {xx.device.type}
+        out[name] = {k: v.double().cpu() for k, v in got.items()}
+    for key, want in out["cpu"].items():
+        assert ((out["cuda"][key] - want).norm() / want.norm()).item() < 1e-4, key
