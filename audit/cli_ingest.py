@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from audit import progress
 from audit.cli import main
 from ledger.errors import LedgerError
 from ledger.ingest import IngestError, PseudonymKeyError, ingest
@@ -52,7 +53,8 @@ def _options(f: Any) -> Any:
 
 def _run(source: str, file: Path, ledger_path: str, as_json: bool, **kw: Any) -> None:
     try:
-        s = ingest(source, file, ledger_path, announce=lambda m: click.echo(m, err=True), **kw)
+        with progress.activity(f"ingesting {file.name}", show=progress.wanted(as_json)):
+            s = ingest(source, file, ledger_path, announce=lambda m: click.echo(m, err=True), **kw)
     except (IngestError, PseudonymKeyError) as exc:
         _fail(str(exc))
     except LedgerError as exc:

@@ -16,6 +16,7 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
+from audit import progress
 from audit.cli import main
 from ledger import keys, note
 from ledger.errors import LedgerError, LedgerInputError
@@ -243,7 +244,7 @@ def verify_cmd(
         cp_text = _read_text(checkpoint_path, "checkpoint")
         note.parse_checkpoint_note(cp_text)  # malformed -> exit 2 before touching the ledger
         _check_signed_by(cp_text, pubkey, checkpoint_path)
-    with Ledger.open(ledger) as led:
+    with Ledger.open(ledger) as led, progress.activity("verifying", show=progress.wanted(as_json)):
         res = led.verify(checkpoint=cp_text, pubkey=pubkey, deep=deep)
     _report(res, as_json)
     sys.exit(0 if res.ok else 1)
