@@ -11,6 +11,7 @@ Variants (the ``VARIANTS`` table; adding one is one ``@variant`` function):
   plain         plain PyTorch
   norms         GradNormEngine: per-sample per-layer norms, .grad as plain
   routing       GradNormEngine with a random [B, L] routing-weight matrix (zeros, halves, ones)
+  ledger, ledger_routing, ledger_async: instrument.attach + SQLite ledger (see tracker_variants.py)
   opacus_hooks  Opacus GradSampleModule (materialises every per-sample gradient) + per-layer norms
   opacus_ghost  Opacus ghost clipping (GradSampleModuleFastGradientClipping, noise 0): two backwards
 
@@ -188,6 +189,13 @@ def make_norms(model: nn.Module, x: Tensor, y: Tensor) -> Step:
 @variant("routing")
 def make_routing(model: nn.Module, x: Tensor, y: Tensor) -> Step:
     return _engine_step(model, x, y, routed=True)
+
+
+# The tracker's variants (ledger, ledger_routing, ledger_async): the whole product path, in their own module.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tracker_variants import register as _register_tracker_variants  # noqa: E402
+
+_register_tracker_variants(variant)
 
 
 @variant("opacus_hooks")
