@@ -251,3 +251,31 @@ def test_dp_refuses_gradient_accumulation(tmp_path: Path) -> None:
         msg = "DP with gradient accumulation is not supported"
         with pytest.raises(NotImplementedError, match=msg), tr.batch([f"e{i}" for i in range(4, 8)]):
             pass
+
+
+def test_eps_every_records_the_latest_epsilon_and_close_brings_it_up_to_date(tmp_path: Path) -> None:
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = _data(8)
+    cfg = DPConfig(1.0, 1.0, 1e-5, "rdp", sample_rate=0.05, seed=0, eps_every=3)
+    with Ledger.open(tmp_path / "every.db", create=True) as led:
+        tr = attach(model, opt, ledger=led, run="every", dp=cfg)
+        for _ in range(4):
+            with tr.batch([f"e{i}" for i in range(8)]):
+                nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
+                opt.zero_grad()
+        tr.close()
+        bodies = [led.entry(r.seq).body["dp"] for r in led.steps("every")]
+        final = checkpoints(led, "every")[-1]
+    ref = RDPAccountant()
+    eps_after = []
+    for _ in range(4):
+        ref.step(noise_multiplier=1.0, sample_rate=0.05)
+        eps_after.append(ref.get_epsilon(1e-5))
+    # computed at the first step and every 3rd accountant step; in between the latest value and its step
+    assert [b["eps_step"] for b in bodies] == [0, 0, 2, 2]
+    assert [b["eps"] for b in bodies] == pytest.approx(
+        [eps_after[0], eps_after[0], eps_after[2], eps_after[2]]
+    )
+    assert final.eps == pytest.approx(eps_after[3])  # the final checkpoint is never stale
