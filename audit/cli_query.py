@@ -51,6 +51,8 @@ def query_group() -> None:
                       d: the micro-batch size under a mean-reduced loss, 1 under sum)
       self-influence  sum of lr_l * ||g_il||^2   (TracIn self-influence restricted to layer l)
     Non-finite contributions (NaN/Inf norms) are left out and counted as excluded_nonfinite.
+    The sums are kept by the query_aggregates indexer in each step's append transaction; on a ledger written
+    without it, the first query builds them from the entries (a write, once).
     Every command takes --json. Exit codes: 0 ok, 2 unknown run / layer / label / annotator or bad input.
     """
 
