@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 import pytest
 import rfc8785
-from ledger.provenance import LabelProvenance
 
 from instrument.policy import DEFAULT_RULE, Policy, PolicyError, Rule
+from ledger.provenance import LabelProvenance
 
 LAYERS = ["embed", "enc.0", "enc.1", "head"]
 
