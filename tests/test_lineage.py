@@ -241,3 +241,20 @@ def _ann(built: Built) -> str:
             for e in led.entries(kind="annotation")
             if e.body["producer"]["kind"] == "human"
         )
+
+
+def test_lineage_bench_quick(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "lineage_bench.py"
+    res = subprocess.run(
+        [sys.executable, str(bench), "--quick", "--dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["lineage"]["nodes"] > out["config"]["examples"] and out["export"]["evidence_entries"] > 0
+    assert out["export"]["bundle_bytes_evidence"] > out["export"]["bundle_bytes_no_evidence"]
