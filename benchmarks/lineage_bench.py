@@ -124,6 +124,7 @@ def main() -> None:
     if a.quick:
         a.examples, a.epochs, a.batch, a.layers, a.repeats = 512, 2, 64, 4, 1
     tmp = Path(a.dir or tempfile.mkdtemp(prefix="gl-lbench-"))
+    tmp.mkdir(parents=True, exist_ok=True)
     db = tmp / "lineage.db"
     info = _build(db, a.examples, a.epochs, a.batch, a.layers, seed=0)
     kf = keys.save_keypair(tmp / "keys", "bench")
