@@ -332,3 +332,17 @@ def test_prove_label(built: Built, tmp_path: Path) -> None:
     assert res.exit_code == 2 and "no annotation entry with label id 'nope'" in res.output
     res = r.invoke(main, ["prove", str(built.path)])
     assert res.exit_code == 2 and "exactly one of --seq or --label" in res.output
+
+
+def test_top_annotators_agree_with_gradledger_query(built: Built, bundle: Any) -> None:
+    """Cross-check with the query aggregates (a separate implementation of the same metric)."""
+    from audit import query
+
+    fig = _statement(bundle)["predicate"]["contributions"]
+    with Ledger.open(built.path) as led:
+        for layer in fig["layers"]:
+            q = query.layer(led, "mlp", layer["layer"], top=TOP, by="annotator")
+            assert q.total == pytest.approx(layer["total"], rel=1e-9)
+            assert [r.key for r in q.rows] == [a["annotator"] for a in layer["annotators"]]
+            for r, a in zip(q.rows, layer["annotators"], strict=True):
+                assert r.score == pytest.approx(a["score"], rel=1e-9)
