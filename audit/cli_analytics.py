@@ -39,7 +39,9 @@ def _with_ledger(path: str, fn: Callable[[Ledger], T]) -> T:
         _fail(str(exc))
     try:
         return fn(led)
-    except (ra.AnalyticsError, ProfileInputError) as exc:
+    except ProfileInputError as exc:  # names its own file / field
+        _fail(str(exc))
+    except ra.AnalyticsError as exc:
         _fail(f"{path}: {exc}")
     except LedgerError as exc:
         _fail(f"{path}: {exc}")

@@ -99,6 +99,8 @@ def load_data(path: str | os.PathLike[str]) -> ProfileData:
         raise ProfileInputError(f"{p}: no such data file") from None
     except OSError as exc:
         raise ProfileInputError(f"{p}: cannot read data file ({exc.strerror})") from None
+    if not raw.startswith(b"PK"):
+        raise ProfileInputError(f"{p}: not an .npz data file (not a zip archive; write it with numpy.savez)")
     try:
         import io
 

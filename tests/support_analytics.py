@@ -138,3 +138,30 @@ def build(tmp: Path, *, n_train: int = 360, epochs: int = 8, batch_size: int = 6
     return Built(
         path, data, ids, {e for e, f in zip(ids, flipped_mask, strict=True) if f}, domains, reviewed_fix
     )
+
+
+def add_dp_run(path: Path, *, run: str = "digits-dp", n_train: int = 120, epochs: int = 2) -> None:
+    """Append a short DP-SGD run (RDP accountant) on the first ``n_train`` manifest examples."""
+    pd = planted_domains(seed=0)
+    with Ledger.open(path) as led, one_thread():
+        man = Manifest.load(led, "train")
+        ids = sorted(man)[:n_train]
+        x = torch.as_tensor(pd.data.x_train[:n_train])
+        y = torch.as_tensor(pd.y_assigned[:n_train], dtype=torch.int64)
+        model = make_mlp(1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.2)
+        crit = nn.CrossEntropyLoss()
+        dp = instrument.DPConfig(
+            noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5, accountant="rdp", seed=7
+        )
+        tr = instrument.attach(
+            model, opt, ledger=led, run=run, labels=man, criterion=crit, dp=dp, max_pending=0
+        )
+        for epoch in range(epochs):
+            tr.epoch(epoch)
+            for start in range(0, n_train, 40):
+                with tr.batch(ids[start : start + 40]):
+                    crit(model(x[start : start + 40]), y[start : start + 40]).backward()
+                    opt.step()
+                    opt.zero_grad()
+        tr.close()
