@@ -12,6 +12,7 @@ import io
 import json
 import math
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from sklearn.metrics import roc_auc_score
+from threadpoolctl import threadpool_limits
 
 from audit import progress
 from audit.cli import main
@@ -30,6 +32,7 @@ from instrument.sketch import StateStore
 from ledger.records import checkpoints
 from ledger.store import Ledger
 from tests.support_analytics import RUN, Built, build, digits_mlp
+from tests.support_digits import one_thread
 
 N_BOOT = "100"
 
@@ -43,6 +46,13 @@ def one_error_line(res: Any) -> str:
     assert len(lines) == 1, res.stderr
     assert lines[0].startswith("error: ")
     return lines[0]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    """BLAS and torch on one thread: the probes are small, and threads only contend on a shared machine."""
+    with threadpool_limits(1), one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
