@@ -37,6 +37,10 @@ How it hooks in, and why this way:
   the sizes. Each sample's norm is of its own loss within its micro-batch (Opacus scaling per micro-batch).
 * ``pause()`` removes every hook (engine, criterion, model, optimizer): a paused step is plain PyTorch, not
   counted and not recorded. ``resume()`` re-installs them. ``step`` indices count recorded steps.
+* ``DistributedDataParallel`` (``instrument/distributed.py``): call ``attach`` on every rank; each rank measures
+  its local rows, rank 0 gathers them at ``optimizer.step()`` and writes ONE step entry holding the global batch
+  (``ledger`` is needed on rank 0 only). DP noise is added once (rank 0), routing and clipping are per sample,
+  and the applied gradient equals one process's on the global batch. ``checkpoint``/``close`` are collective.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed as _dist
 from .dp import DPConfig, GaussianMechanism
 from .policy import BoundPolicy, Policy
 
@@ -379,9 +384,9 @@ class Tracker:
             raise ValueError(
                 "attach: a routing policy needs labels=<Manifest> to look up each example's provenance"
             )
-        for r in _run_names(ledger):
-            if r == run:
-                raise ValueError(f"attach: run {run!r} already exists in this ledger; pick a new run name")
+        self.dist = _dist.context_for(model)
+        if (self.dist is None or self.dist.is_writer) and ledger is None:
+            raise ValueError("attach: ledger is required (under DDP: on rank 0, the ledger writer)")
 
         self.model, self.optimizer, self.ledger, self.run = model, optimizer, ledger, run
         # layer names are relative to the wrapped module under (Distributed)DataParallel, as in the engine
@@ -412,8 +417,22 @@ class Tracker:
                 dp, [p for ps in self.layer_params for p in ps], loss_reduction
             )
 
-        self.policy_seq = policy.record(ledger) if policy is not None else None
-        self.run_seq = _seq(ledger.append("run", self._run_body(seed)))
+        self._ddp_sync: bool | None = None  # DDP's require_backward_grad_sync, saved while DP owns the sync
+        if self.dist is not None and loss_reduction == "sum" and self.mechanism is None:
+            _dist.install_sum_hook(model)  # type: ignore[arg-type]
+
+        def record_run() -> tuple[int | None, int]:
+            for r in _run_names(ledger):
+                if r == run:
+                    raise ValueError(
+                        f"attach: run {run!r} already exists in this ledger; pick a new run name"
+                    )
+            policy_seq: int | None = policy.record(ledger) if policy is not None else None
+            self.policy_seq = policy_seq
+            return policy_seq, _seq(ledger.append("run", self._run_body(seed)))
+
+        self.policy_seq = None
+        self.policy_seq, self.run_seq = record_run() if self.dist is None else self.dist.on_writer(record_run)
         self.step_index = 0
         self._epoch = 0
         self._open: _Micro | None = None
@@ -421,7 +440,8 @@ class Tracker:
         self._handles: list[Any] = []
         self._paused = False
         self._closed = False
-        self.writer = StepWriter(ledger, max_pending)
+        writes = self.dist is None or self.dist.is_writer
+        self.writer = StepWriter(ledger if writes else None, max_pending if writes else 0)
         self._install()
 
     # ----- run entry ------------------------------------------------------------------------------
@@ -466,6 +486,8 @@ class Tracker:
             "update_norms": self.track_updates,
             "versions": _versions(),
         }
+        if self.dist is not None:
+            body["distributed"] = self.dist.describe()
         return body
 
     # ----- hooks ----------------------------------------------------------------------------------
@@ -477,11 +499,18 @@ class Tracker:
         ]
         if self.criterion is not None:
             self._handles.append(self.criterion.register_forward_hook(self._on_criterion))
+        if self.dist is not None and self.mechanism is not None and self._ddp_sync is None:
+            # the engine adds clipped gradients by hand (outside DDP's hooks); the tracker reduces them itself
+            self._ddp_sync = bool(getattr(self.model, "require_backward_grad_sync", True))
+            setattr(self.model, "require_backward_grad_sync", False)  # noqa: B010 - DDP attribute
 
     def _uninstall(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
+        if self._ddp_sync is not None:
+            setattr(self.model, "require_backward_grad_sync", self._ddp_sync)  # noqa: B010
+            self._ddp_sync = None
 
     def _on_model_input(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         micro = self._open
@@ -561,8 +590,16 @@ class Tracker:
         self._open = None
 
     def checkpoint(self, tag: str) -> int:
-        """Append a ``checkpoint`` entry with per-layer and state-dict sha256 digests; return its seq."""
+        """Append a ``checkpoint`` entry with per-layer and state-dict sha256 digests; return its seq.
+
+        Under DDP every rank calls it; rank 0 appends and every rank gets the seq.
+        """
         self._check_open()
+        if self.dist is not None:
+            return self.dist.on_writer(lambda: self._checkpoint(tag))
+        return self._checkpoint(tag)
+
+    def _checkpoint(self, tag: str) -> int:
         self.writer.flush()  # the steps before this checkpoint precede it in the ledger
         body: dict[str, Any] = {
             "run": self.run,
@@ -686,14 +723,50 @@ class Tracker:
         pending = self._pending
         if not pending.micros:
             return  # an optimizer step with no tracked batch: nothing to record
-        if self.mechanism is not None:
+        if self.dist is not None:
+            self._distributed_step(pending)
+        elif self.mechanism is not None:
             b = len(pending.micros[0].ids)
             self.mechanism.resolve_sample_rate(b, None if self.labels is None else len(self.labels))
             self.mechanism.add_noise(b)
         pending.lr = self._param_group_lr()
-        if self.track_updates:
+        if self.track_updates and (self.dist is None or self.dist.is_writer):
             with torch.no_grad():
                 pending.before = [[p.detach().clone() for p in ps] for ps in self.layer_params]
+
+    def _distributed_step(self, pending: _Pending) -> None:
+        """DDP: check the ranks agree, reduce DP gradients (noise once, on rank 0), gather the rows to rank 0."""
+        assert self.dist is not None
+        local = [len(m.ids) for m in pending.micros]
+        sizes = self.dist.all_gather(local)
+        _dist.check_sizes(sizes, self.loss_reduction, self.mechanism is not None)
+        if self.mechanism is not None:
+            global_rows = sum(s[0] for s in sizes)
+            self.mechanism.resolve_sample_rate(global_rows, None if self.labels is None else len(self.labels))
+            if self.dist.is_writer:
+                self.mechanism.add_noise(local[0])  # N [/ b_0]: scaled to the global mean by the reduction
+            self.dist.reduce_dp_grads(self.mechanism.params, local[0], global_rows, self.loss_reduction)
+        rows = [
+            (m.ids, m.norms, m.weights, m.rules, m.losses, m.margins, m.clip, m.epoch) for m in pending.micros
+        ]
+        gathered = self.dist.gather_to_writer(rows)
+        if gathered is None:  # not the writer: nothing to record here
+            return
+        merged = []
+        for j in range(len(local)):  # micro-batch by micro-batch, rank-major rows
+            parts = [g[j] for g in gathered]
+
+            def cat(k: int, parts: list[Any] = parts) -> np.ndarray | None:
+                arrs = [p[k] for p in parts]
+                return None if any(a is None for a in arrs) else np.concatenate(arrs)
+
+            merged.append(
+                _Micro(
+                    ids=[i for p in parts for i in p[0]], weights=cat(2), rules=cat(3),  # type: ignore[arg-type]
+                    epoch=parts[0][7], norms=cat(1), losses=cat(4), margins=cat(5), clip=cat(6), ended=True,
+                )
+            )  # fmt: skip
+        pending.micros = merged
 
     def _on_step_post(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         pending = self._pending
@@ -714,9 +787,11 @@ class Tracker:
                 k += len(ps)
             pending.before = None
         eps = None
-        if self.mechanism is not None:
+        writes = self.dist is None or self.dist.is_writer
+        if self.mechanism is not None and writes:
             eps = self.mechanism.account(self.step_index)
-        self._append_step(pending, update, eps)
+        if writes:
+            self._append_step(pending, update, eps)
         self._pending = _Pending()
         self.step_index += 1
 
