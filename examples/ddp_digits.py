@@ -83,6 +83,11 @@ def load_data(led: Ledger, seed: int, limit: int) -> tuple[list[str], torch.Tens
     return ids, x, y, manifest
 
 
+def _exit_once(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not interrupt the exit's flush
+    sys.exit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ledger", required=True, help="ledger path or SQLAlchemy URL (created if missing)")
@@ -103,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     if distributed:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend, timeout=timedelta(seconds=a.timeout))
-        # torchrun sends SIGTERM when another rank dies: exit normally so the step writer flushes what it holds
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        # torchrun sends SIGTERM when another rank dies: exit normally (once) so the step writer flushes
+        signal.signal(signal.SIGTERM, _exit_once)
     rank = dist.get_rank() if distributed else 0
     if a.batch % world:
         print(f"error: --batch {a.batch} is not divisible by {world} ranks", file=sys.stderr)
