@@ -62,6 +62,8 @@ def report_cmd(
             pubkey = keys.load_verifier(pubkey_path)
         except LedgerError as exc:
             _fail(str(exc))
+        except OSError as exc:
+            _fail(f"{pubkey_path}: cannot read ({exc.strerror})")
 
     def go(led: Ledger) -> rp.Report:
         with progress.stages(8, "report: verifying", show=progress.wanted(as_json)) as bar:

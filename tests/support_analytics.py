@@ -11,8 +11,10 @@ ledger's state store, and an .npz profile data file (held-out inputs of the thre
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import shutil
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -165,3 +167,22 @@ def add_dp_run(path: Path, *, run: str = "digits-dp", n_train: int = 120, epochs
                     opt.step()
                     opt.zero_grad()
         tr.close()
+
+
+_GOLDEN: Built | None = None
+
+
+def build_copy(tmp_path_factory: Any, dest: Path) -> Built:
+    """A private copy of one ledger built once per test process (the build costs seconds; copies are cheap).
+
+    Each test module mutates its copy (profile entries, extra runs, signed checkpoints) without affecting
+    the others."""
+    global _GOLDEN
+    if _GOLDEN is None:
+        _GOLDEN = build(tmp_path_factory.mktemp("analytics-golden"))
+    g = _GOLDEN
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in (g.path.name, g.data.name):
+        shutil.copy(g.path.parent / name, dest / name)
+    shutil.copytree(StateStore.beside(g.path), StateStore.beside(dest / g.path.name))
+    return replace(g, path=dest / g.path.name, data=dest / g.data.name)

@@ -31,7 +31,7 @@ from audit.report import EMAIL
 from instrument.sketch import StateStore
 from ledger.records import checkpoints
 from ledger.store import Ledger
-from tests.support_analytics import RUN, Built, build, digits_mlp
+from tests.support_analytics import RUN, Built, build_copy, digits_mlp
 from tests.support_digits import one_thread
 
 N_BOOT = "100"
@@ -58,7 +58,7 @@ def _one_thread() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     tmp = tmp_path_factory.mktemp("analytics")
-    b = build(tmp)
+    b = build_copy(tmp_path_factory, tmp)
     shutil.copy(b.path, tmp / "noprofile.db")  # the same run before any profile entry
     return b
 
