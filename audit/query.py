@@ -230,6 +230,12 @@ def _sums(conn: Connection, info: _RunInfo, sel: Sequence[int], epochs: tuple[in
     n = info.n_examples
     s = steps
     if epochs is not None:
+        lo, hi = conn.execute(
+            select(func.min(s.c.epoch), func.max(s.c.epoch)).where(s.c.run_seq == info.run_seq)
+        ).one()
+        if lo is not None and epochs[0] <= lo and hi <= epochs[1]:
+            epochs = None  # the range holds every step of the run: the whole-run totals answer it exactly
+    if epochs is not None:
         where = s.c.epoch.between(epochs[0], epochs[1])
         return sum_rows(_raw_rows(conn, info, sel, where), n, len(info.layers), sel)
     tail = sum_rows(_raw_rows(conn, info, sel, s.c.seq > info.folded_through), n, len(info.layers), sel)
@@ -449,12 +455,10 @@ def _label_profile(
     ledger: Ledger, conn: Connection, info: _RunInfo, ex: str, ex_idx: int, prov: Any
 ) -> dict[str, Any]:
     s = steps
-    hit_seqs = []
-    for seq, idx_b in conn.execute(
-        select(s.c.seq, s.c.idx).where(s.c.run_seq == info.run_seq).order_by(s.c.seq)
-    ):
-        if (np.frombuffer(bytes(idx_b), "<i4") == ex_idx).any():
-            hit_seqs.append(int(seq))
+    rows = conn.execute(select(s.c.seq, s.c.idx).where(s.c.run_seq == info.run_seq).order_by(s.c.seq)).all()
+    ends = np.cumsum([len(r[1]) // 4 for r in rows])
+    at = np.flatnonzero(np.frombuffer(b"".join(r[1] for r in rows), "<i4") == ex_idx)
+    hit_seqs = sorted({int(rows[k][0]) for k in np.searchsorted(ends, at, side="right").tolist()})
     n_l = len(info.layers)
     per_epoch: dict[int, dict[str, Any]] = {}
     weights: dict[tuple[float, ...], int] = {}
