@@ -374,7 +374,10 @@ def _profile(ctx: ra.RunContext) -> Section:
         "For each data slice (domain) and layer, how unsure a simple read-out of that layer is (0 = certain, "
         "1 = no idea); slices that stay unsure in the last layers need clearer guidelines or more data."
     )
-    stored = load_profile(ctx.ledger, ctx.run)
+    try:
+        stored = load_profile(ctx.ledger, ctx.run)
+    except ValueError as exc:
+        return Section("profile", title, meaning, f"<p>Not available: {text(exc)}.</p>", "absent")
     if stored is None:
         return Section(
             "profile",

@@ -187,7 +187,10 @@ def priorities(
     res = result if result is not None else memorization(ctx)
     domains = {e: ctx.domain(e) for e in res.example_ids}
     disagreement = disagreement_queue(res, domains, top_per_domain=top_per_domain)
-    stored = load_profile(ctx.ledger, ctx.run)
+    try:
+        stored = load_profile(ctx.ledger, ctx.run)
+    except ValueError as exc:  # a profile entry without the per-example payloads this queue needs
+        return Priorities(disagreement, None, str(exc), None, None, res)
     if stored is None:
         return Priorities(
             disagreement,

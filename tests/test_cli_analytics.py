@@ -362,3 +362,31 @@ def test_activity_line_ticks_and_is_erased() -> None:
     with progress.activity("verifying", show=False, file=buf, interval=0.01):
         time.sleep(0.05)
     assert buf.getvalue() == ""
+
+
+def test_a_profile_entry_without_per_example_data_degrades_to_unavailable(
+    built: Built, tmp_path: Path
+) -> None:
+    db = tmp_path / "other.db"
+    shutil.copy(built.path.parent / "noprofile.db", db)
+    with Ledger.open(db) as led:
+        led.append("profile", {"run": RUN, "settings": {}, "layers": ["0"]})  # e.g. written by another tool
+    out = json.loads(cli("priorities", db, "--run", RUN, "--json").stdout)
+    assert out["queues"]["ambiguity"] is None and "no per-example data" in out["ambiguity_unavailable"]
+    assert out["queues"]["label_disagreement"]["domains"]
+
+
+def test_verify_and_ingest_stay_quiet_under_json_even_on_a_terminal(
+    built: Built, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(progress, "_isatty", lambda stream: True)
+    res = cli("verify", built.path, "--json")
+    assert res.exit_code == 0 and res.stderr == "" and json.loads(res.stdout)["ok"] is True
+    rows = tmp_path / "l.jsonl"
+    rows.write_text(json.dumps({"item_id": "a", "label_id": "b", "value": "1"}) + "\n")
+    key = tmp_path / "k"
+    key.write_text(bytes(range(32)).hex())
+    key.chmod(0o600)
+    res = cli("ingest", "jsonl", rows, "--ledger", tmp_path / "n.db", "--pseudonym-key", key, "--json")
+    assert res.exit_code == 0, res.output
+    assert res.stderr == "" and json.loads(res.stdout)["records"] == 1
