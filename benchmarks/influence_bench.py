@@ -181,11 +181,12 @@ def query_time(sample_steps: int, queries: int, repeats: int) -> list[dict[str, 
         from ledger.store import Ledger
 
         with Ledger.open(path) as led:
-            times = []
+            times, cpu = [], []
             for _ in range(repeats):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 res = influence(led, "synthetic", query_model, x, y, top=10)
                 times.append(time.perf_counter() - t0)
+                cpu.append(time.process_time() - c0)
             assert res.sample_steps == n_examples * epochs and len(res.rows) == 10 * queries
             # the scoring kernel alone: steps already decoded in memory
             steps = [TrainingStep.from_entry(e) for e in led.entries(kind="step")]
@@ -205,37 +206,49 @@ def query_time(sample_steps: int, queries: int, repeats: int) -> list[dict[str, 
         out.append({
             "part": "query", "sample_steps": n_examples * epochs, "examples": n_examples, "steps": built["steps"],
             "queries": queries, "k": 128, "windows": epochs, "ledger_mb": size_mb, "build_s": built["build_s"],
-            "influence_s": statistics.median(times), "kernel_s": statistics.median(kernel),
+            "influence_s": statistics.median(times), "influence_cpu_s": statistics.median(cpu), "kernel_s": statistics.median(kernel),
         })  # fmt: skip
     return out
+
+
+def _print(r: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(r), flush=True)
+    elif r["part"] == "step":
+        print(
+            f"step  {r['model']:<4} B={r['B']:<4} {r['variant']:<11} wall {r['wall_ms']:8.2f} ms "
+            f"(x{r['ratio_wall']:.2f})  cpu {r['cpu_ms']:8.2f} ms (x{r['ratio_cpu']:.2f})",
+            flush=True,
+        )
+    else:
+        print(
+            f"query {r['queries']} inputs vs {r['sample_steps']:,} sample-steps ({r['examples']:,} examples, "
+            f"{r['steps']} steps, {r['windows']} checkpoints, k={r['k']}, ledger {r['ledger_mb']:.0f} MiB): "
+            f"influence() {r['influence_s']:.2f} s wall / {r['influence_cpu_s']:.2f} s cpu, scoring kernel "
+            f"alone {r['kernel_s']:.2f} s (build {r['build_s']:.1f} s)",
+            flush=True,
+        )
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny sizes; finishes in seconds")
+    ap.add_argument("--part", choices=["all", "step", "query"], default="all")
+    ap.add_argument("--repeats", type=int, default=3, help="influence() repetitions (median)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", action="store_true", help="print one JSON object per figure")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.quick:
-        rows = step_overhead([16], rounds=2, steps=2) + query_time(4_000, queries=5, repeats=1)
-    else:
-        rows = step_overhead([64, 256], rounds=7, steps=5) + query_time(1_000_000, queries=100, repeats=3)
-    for r in rows:
-        if args.json:
-            print(json.dumps(r))
-        elif r["part"] == "step":
-            print(
-                f"step  {r['model']:<4} B={r['B']:<4} {r['variant']:<11} wall {r['wall_ms']:8.2f} ms "
-                f"(x{r['ratio_wall']:.2f})  cpu {r['cpu_ms']:8.2f} ms (x{r['ratio_cpu']:.2f})"
-            )
-        else:
-            print(
-                f"query {r['queries']} inputs vs {r['sample_steps']:,} sample-steps ({r['examples']:,} examples, "
-                f"{r['steps']} steps, {r['windows']} checkpoints, k={r['k']}, ledger {r['ledger_mb']:.0f} MiB): "
-                f"influence() {r['influence_s']:.2f} s, scoring kernel alone {r['kernel_s']:.2f} s "
-                f"(build {r['build_s']:.1f} s)"
-            )
+    rows: list[dict[str, Any]] = []
+    if args.part in ("all", "step"):
+        for r in step_overhead([16], 2, 2) if args.quick else step_overhead([64, 256], rounds=7, steps=5):
+            _print(r, args.json)
+            rows.append(r)
+    if args.part in ("all", "query"):
+        qs = query_time(4_000, 5, 1) if args.quick else query_time(1_000_000, 100, args.repeats)
+        for r in qs:
+            _print(r, args.json)
+            rows.append(r)
     return rows
 
 
