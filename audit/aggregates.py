@@ -61,6 +61,7 @@ from sqlalchemy import (
 )
 
 from ledger import indexers
+from ledger.records import step_weights
 
 NAME = "query_aggregates"
 METRICS = ("update", "self_influence", "weight")
@@ -618,7 +619,7 @@ def _parse_step(e: Any) -> tuple[Any, ...] | None:
     if not (isinstance(epoch, int) and isinstance(step, int) and isinstance(lr_raw, list)):
         return None
     pl = e.payloads
-    norms, weights = pl.get("grad_norms"), pl.get("weights")
+    norms, weights = pl.get("grad_norms"), step_weights(b, pl)  # v1 payload or v2 compact rows
     b_, n_l = len(ids), len(layers)
     if norms is None or weights is None or norms.shape != (b_, n_l) or weights.shape != (b_, n_l):
         return None

@@ -65,6 +65,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ledger.records import STEP_VERSION, encode_weights
+
 from . import distributed as _dist
 from .dp import DPConfig, GaussianMechanism
 from .policy import BoundPolicy, Policy
@@ -282,7 +284,7 @@ class StepWriter:
     def __init__(self, ledger: Any, max_pending: int = 8) -> None:
         self.ledger = ledger
         self.sync = max_pending <= 0
-        self._q: queue.Queue[tuple[str, dict[str, Any], dict[str, np.ndarray]] | None] = queue.Queue(
+        self._q: queue.Queue[tuple[str, dict[str, Any], dict[str, np.ndarray], int] | None] = queue.Queue(
             max(max_pending, 1)
         )
         self._error: BaseException | None = None
@@ -316,12 +318,12 @@ class StepWriter:
             err = self._error
             raise RuntimeError(f"gradledger: appending a step entry failed: {err}") from err
 
-    def submit(self, kind: str, body: dict[str, Any], payloads: dict[str, np.ndarray]) -> None:
+    def submit(self, kind: str, body: dict[str, Any], payloads: dict[str, np.ndarray], v: int = 1) -> None:
         if self.sync:
-            self.ledger.append(kind, body, payloads)
+            self.ledger.append(kind, body, payloads, v=v)
             return
         self._raise()
-        self._q.put((kind, body, payloads))
+        self._q.put((kind, body, payloads, v))
 
     def flush(self) -> None:
         if not self.sync:
@@ -406,6 +408,8 @@ class Tracker:
         except StopIteration:
             raise ValueError("attach: the model has no trainable parameters") from None
         self.bound: BoundPolicy | None = policy.bind(self.layers) if policy is not None else None
+        n_rules = 0 if self.bound is None else len(self.bound.table)
+        self._rule_dtype = "<i1" if n_rules < 1 << 7 else "<i2" if n_rules < 1 << 15 else "<i4"
         self._rule_cache: dict[str, int] = {}
         self._ones_row = np.ones(len(self.layers), dtype=np.float32)
 
@@ -802,7 +806,10 @@ class Tracker:
             np.float32, copy=False
         )
         weights = np.concatenate([m.weights for m in micros]).astype(np.float32, copy=False)
-        payloads: dict[str, np.ndarray] = {"grad_norms": norms, "weights": weights}
+        weight_rows, weight_index = encode_weights(weights)  # compact: a few distinct rows (step v 2)
+        payloads: dict[str, np.ndarray] = {"grad_norms": norms}
+        if weight_index is not None:
+            payloads["weight_index"] = weight_index
         flags: dict[str, list[int]] = {}
         if all(m.losses is not None for m in micros):
             losses = np.concatenate([m.losses for m in micros if m.losses is not None]).astype(np.float32)
@@ -816,7 +823,7 @@ class Tracker:
             )
         if self.bound is not None:
             payloads["rules"] = np.concatenate([m.rules for m in micros if m.rules is not None]).astype(
-                np.int32
+                self._rule_dtype
             )
         if self.mechanism is not None and all(m.clip is not None for m in micros):
             payloads["clip"] = np.concatenate([m.clip for m in micros if m.clip is not None]).astype(
@@ -837,6 +844,7 @@ class Tracker:
             "update_norms": update,
             "policy_seq": self.policy_seq,
             "flags": flags,
+            "weight_rows": weight_rows,
         }
         if self.mechanism is not None:
             cfg = self.mechanism.config
@@ -849,7 +857,7 @@ class Tracker:
                 "sample_rate": self.mechanism.sample_rate,
                 "accountant": cfg.accountant,
             }
-        self.writer.submit("step", body, payloads)
+        self.writer.submit("step", body, payloads, v=STEP_VERSION)
 
 
 def _run_names(ledger: Any) -> list[str]:

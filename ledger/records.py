@@ -3,7 +3,7 @@
 Readers go through these instead of raw bodies so a field rename is one edit here. ``iter_steps`` streams:
 one entry is decoded at a time, so a run of any length reads in constant memory.
 
-Step entry (kind ``step``, v 1), written by ``instrument.tracker``:
+Step entry (kind ``step``, v 2; v 1 is still read), written by ``instrument.tracker``:
 
 * body: ``run``, ``run_seq`` (seq of the ``run`` entry), ``step`` (0-based index of the tracked optimizer step),
   ``epoch``, ``example_ids`` [B] (strings), ``layers`` [L] (qualified module names), ``micro_batches``
@@ -12,11 +12,16 @@ Step entry (kind ``step``, v 1), written by ``instrument.tracker``:
   (``||θ_after - θ_before||`` per layer, null when disabled), ``policy_seq`` (or null), ``flags``
   (``{"nan_loss": [row, ...], "nonfinite_grad_norm": [row, ...]}``, only the non-empty ones), and when DP is on
   ``dp``: ``{"eps", "eps_step", "delta", "noise_multiplier", "max_grad_norm", "sample_rate", "accountant"}``.
-* payloads: ``grad_norms`` <f4 [B, L] (each sample's own, unrouted gradient norm, Opacus scaling), ``weights``
-  <f4 [B, L] (routing weights applied), ``losses`` <f4 [B] (when a criterion is attached), ``margins`` <f4 [B]
-  (classification criteria: logit of the assigned label minus the largest other logit), ``rules`` <i4 [B]
-  (index of the policy rule each example matched, -1 = the policy default; with a policy), ``clip`` <f4 [B]
-  (DP clipping factors).
+* payloads: ``grad_norms`` <f4 [B, L] (each sample's own, unrouted gradient norm, Opacus scaling), ``losses``
+  <f4 [B] (when a criterion is attached), ``margins`` <f4 [B] (classification criteria: logit of the assigned
+  label minus the largest other logit), ``rules`` <i1/<i2/<i4 [B] (index of the policy rule each example matched,
+  -1 = the policy default; with a policy; the narrowest type that holds the policy's rule indices), ``clip`` <f4
+  [B] (DP clipping factors).
+* routing weights [B, L], compactly (v 2): body ``weight_rows`` = the distinct weight rows of the step (lists of
+  L numbers, sorted; float32 values, exact through JSON) and payload ``weight_index`` <u1 (<u2, <u4 for more
+  rows) [B] = each sample's row, omitted when there is one row. ``weights = float32(weight_rows)[weight_index]``
+  exactly. Routing weights take a handful of distinct rows (one per policy rule), so this stores ~1 byte per
+  sample instead of 4·L (v 1 stored ``weights`` <f4 [B, L] as a payload).
 """
 
 from __future__ import annotations
@@ -27,7 +32,46 @@ from typing import Any
 
 import numpy as np
 
-STEP_VERSION = 1
+STEP_VERSION = 2
+
+
+def encode_weights(weights: np.ndarray) -> tuple[list[list[float]], np.ndarray | None]:
+    """[B, L] float32 routing weights -> (``weight_rows``, ``weight_index`` or None for a single row)."""
+    w = np.ascontiguousarray(weights, dtype=np.float32)
+    rows, index = np.unique(w, axis=0, return_inverse=True)
+    n = len(rows)
+    table = [[float(x) for x in r] for r in rows]
+    if n == 1:
+        return table, None
+    dtype = "<u1" if n <= 1 << 8 else "<u2" if n <= 1 << 16 else "<u4"
+    return table, np.asarray(index, dtype=dtype).reshape(-1)
+
+
+def step_weights(body: dict[str, Any], payloads: dict[str, Any]) -> np.ndarray | None:
+    """The step's [B, L] float32 routing weights from either encoding; None when absent or malformed."""
+    if "weights" in payloads:  # v 1
+        return np.asarray(payloads["weights"])
+    rows = body.get("weight_rows")
+    ids, layers = body.get("example_ids"), body.get("layers")
+    if not isinstance(rows, list) or not rows or not isinstance(ids, list) or not isinstance(layers, list):
+        return None
+    try:
+        table = np.array(rows, dtype=np.float32)
+    except (TypeError, ValueError):
+        return None
+    if table.ndim != 2 or table.shape[1] != len(layers):
+        return None
+    index = payloads.get("weight_index")
+    if index is None:
+        return None if len(rows) != 1 else np.repeat(table, len(ids), axis=0)
+    index = np.asarray(index)
+    if (
+        index.shape != (len(ids),)
+        or index.dtype.kind != "u"
+        or (index.size and int(index.max()) >= len(rows))
+    ):
+        return None
+    return table[index]
 
 
 def _payload(payloads: dict[str, Any], name: str) -> np.ndarray | None:
@@ -69,9 +113,9 @@ class StepRecord:
         b = entry.body
         pl = entry.payloads  # decoded once per record
         norms = _payload(pl, "grad_norms")
-        weights = _payload(pl, "weights")
+        weights = step_weights(b, pl)
         if norms is None or weights is None:
-            raise ValueError(f"step entry {entry.seq} lacks its grad_norms / weights payloads")
+            raise ValueError(f"step entry {entry.seq} lacks its grad_norms / routing weights")
         upd = b.get("update_norms")
         dp = b.get("dp")
         return cls(
@@ -91,7 +135,7 @@ class StepRecord:
             update_norms=None if upd is None else _floats(upd),
             clip_factors=_payload(pl, "clip"),
             policy_seq=b.get("policy_seq"),
-            rule_ids=_payload(pl, "rules"),
+            rule_ids=None if "rules" not in pl else np.asarray(pl["rules"]).astype(np.int32),
             eps=None if not dp else dp.get("eps"),
             flags={k: list(v) for k, v in (b.get("flags") or {}).items()},
         )
