@@ -14,7 +14,8 @@ them:
 6. ``verify_ledger``: full deep verify against the last signed checkpoint and the public key.
 7. ``who_shaped``: which annotators / labels shaped the last layer (``audit.query``), against the baseline.
 8. ``memorisation``: memorisation / mislabel candidates with the loss and AUM baselines, scored against the
-   simulation's ground truth.
+   simulation's ground truth; ``record_profile``: an entropy depth profile on held-out images (a ``profile``
+   entry); ``write_report``: the self-contained HTML report.
 11. ``tamper_check``: flip one bit in a copy of the database; verify names the entry.
 
 10. ``write_lineage``: the run's lineage graph as GraphML; ``write_export``: a signed provenance export with
@@ -33,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -146,7 +148,9 @@ def build_manifest(led: Ledger, sim: Simulation) -> Any:
         ex: {"label_ids": [lab.label_id], "content_sha256": sim.content_sha256(lab.image)}
         for ex, lab in sim.examples.items()
     }
-    return Manifest.create(led, "digits-labelbox", mapping)
+    # domain tag: the class the label assigns (the slice annotation leads think in)
+    domains = {ex: f"digit-{lab.value}" for ex, lab in sim.examples.items()}
+    return Manifest.create(led, "digits-labelbox", mapping, domains)
 
 
 def write_policy(paths: Paths) -> Any:
@@ -219,6 +223,10 @@ class RunOutcome:
     test_accuracy: float
     seconds: float
     eps: float | None = None
+    model: nn.Module | None = field(default=None, repr=False, compare=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k != "model"}
 
 
 def train(
@@ -276,7 +284,7 @@ def train(
     if dp:
         eps = led.entry(last).body["dp"]["eps"]
     steps = tracker.step_index
-    return RunOutcome(run, steps, last, acc, time.perf_counter() - t0, eps)
+    return RunOutcome(run, steps, last, acc, time.perf_counter() - t0, eps, model)
 
 
 def sign(led: Ledger, kf: keys.KeyFiles, paths: Paths, name: str) -> Path:
@@ -386,6 +394,47 @@ def privacy_check(paths: Paths, identities: list[str]) -> list[str]:
     return [who for who in identities if who.encode() in blobs or who.upper().encode() in blobs]
 
 
+def demo_model() -> nn.Sequential:
+    """The demo CNN's architecture (a zero-argument factory, as ``gradledger profile --model`` expects)."""
+    return make_model(0)
+
+
+def record_profile(led: Ledger, sim: Simulation, data: Dataset, paths: Paths, run: RunOutcome) -> Any:
+    """Entropy depth profile of the run's final model on the held-out test images (domain = true class),
+    from a data file anyone can re-run with ``gradledger profile``; appended as a ``profile`` entry."""
+    from audit.profiles import ProbeSettings
+    from audit.profiles_ledger import compute_profile, load_data
+    from audit.profiles_ledger import record_profile as append_profile
+    from ledger.records import checkpoints
+
+    path = paths.out / "profile-data.npz"
+    y = data.y_test.numpy()
+    np.savez(
+        path,
+        x=data.x_test.numpy(),
+        y=y,
+        domain=np.array([f"digit-{c}" for c in y]),
+        ids=np.array([f"test-{i:04d}" for i in sim.test_images]),
+        model=np.array("audit.demo:demo_model"),
+    )
+    pdata = load_data(path)
+    assert run.model is not None
+    result = compute_profile(run.model, pdata, list(SHALLOW) + [HEAD], ProbeSettings(folds=3, n_boot=200))
+    cp = checkpoints(led, run.run)[-1]
+    seq = append_profile(led, result, pdata, run.run, "audit.demo:demo_model", cp)
+    return seq, result
+
+
+def write_report(led: Ledger, kf: keys.KeyFiles, paths: Paths, run: str, top: int) -> tuple[Path, Any]:
+    """The self-contained HTML report an auditor or annotation lead reads (``gradledger report``)."""
+    from audit import report as rp
+
+    rep = rp.build_report(led, run, pubkey=keys.load_verifier(kf.public), top=top)
+    path = paths.out / "report.html"
+    path.write_text(rp.render_html(rep), encoding="utf-8")
+    return path, rep
+
+
 def write_lineage(led: Ledger, paths: Paths, run: str) -> tuple[Path, int, int]:
     """The run's lineage graph (annotator → label → example → run → layer → checkpoint) as GraphML."""
     from audit import lineage
@@ -429,10 +478,14 @@ def run_demo(out: Path, say: Say = print, config: DemoConfig | None = None) -> d
     config = config or DemoConfig()
     t_start = time.perf_counter()
     threads = torch.get_num_threads()
-    # one thread: these tensors are tiny, and on a shared 2-core machine extra threads only contend (7x slower)
+    # one thread (torch and BLAS): these tensors are tiny, and on a shared 2-core machine extra threads only
+    # contend (7x slower training, 10x slower probes)
     torch.set_num_threads(1)
+    from threadpoolctl import threadpool_limits  # scikit-learn's own dependency: BLAS threads for the probes
+
     try:
-        return _run(out, say, config, t_start)
+        with threadpool_limits(limits=1):
+            return _run(out, say, config, t_start)
     finally:
         torch.set_num_threads(threads)
 
@@ -524,6 +577,19 @@ def _run(out: Path, say: Say, config: DemoConfig, t_start: float) -> dict[str, A
             + ", ".join(f"{k} {v['auroc']:.3f}" for k, v in ev.items())
             + f"; {mem['wrong_in_top']} of the top {config.top} are wrong labels"
         )
+        prof_seq, prof = record_profile(led, sim, data, paths, runs["governed"])
+        late = {d: prof.entropy[d][HEAD].mean for d in prof.domains}
+        worst = sorted(late, key=lambda d: -late[d])[:3]
+        say(
+            f"   depth profile on {len(sim.test_images)} held-out images (profile entry seq {prof_seq}): "
+            "most uncertain at the head: " + ", ".join(f"{d} {late[d]:.2f}" for d in worst)
+        )
+        report_path, rep = write_report(led, kf, paths, "digits-cnn", config.top)
+        say(
+            f"   HTML report: {report_path} (ledger {'intact' if rep.chain_ok else 'FAILED'}; sections "
+            + ", ".join(f"{x.id} {x.status}" for x in rep.sections)
+            + ")"
+        )
         graph_path, n_nodes, n_edges = write_lineage(led, paths, "digits-cnn")
         say(f"9. lineage graph of digits-cnn: {n_nodes} nodes, {n_edges} edges -> {graph_path} (GraphML)")
         bundle_path = write_export(led, kf, paths, "digits-cnn", config.top)
@@ -565,13 +631,18 @@ def _run(out: Path, say: Say, config: DemoConfig, t_start: float) -> dict[str, A
         "root": ok.root.hex() if ok.root else None,
         "verify_ok": ok.ok,
         "verify_reason": ok.reason,
-        "runs": {k: asdict(v) for k, v in runs.items()},
+        "runs": {k: v.to_json() for k, v in runs.items()},
         "careless_annotator": pseud,
         "careless_labels": len(their),
         "careless_barred_from_head": len(barred),
         "shaping": asdict(shaping),
         "shaping_unrouted": asdict(base_shaping) if base_shaping else None,
         "memorisation": mem,
+        "profile_seq": prof_seq,
+        "profile_data": str(paths.out / "profile-data.npz"),
+        "report": str(report_path),
+        "report_chain_ok": rep.chain_ok,
+        "report_sections": {x.id: x.status for x in rep.sections},
         "lineage": str(graph_path),
         "lineage_nodes": n_nodes,
         "lineage_edges": n_edges,
@@ -590,17 +661,8 @@ def _run(out: Path, say: Say, config: DemoConfig, t_start: float) -> dict[str, A
     summary["summary"] = str(summary_path)
     summary_path.write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
     say(f"done in {summary['seconds']} s. Files:")
-    for name in (
-        "export",
-        "ledger",
-        "policy",
-        "public_key",
-        "checkpoint",
-        "lineage",
-        "bundle",
-        "tampered_copy",
-        "summary",
-    ):
+    files = ("export", "ledger", "policy", "public_key", "checkpoint", "report", "lineage", "bundle")
+    for name in (*files, "profile_data", "tampered_copy", "summary"):
         say(f"   {name:14s} {summary[name]}")
     return summary
 

@@ -41,8 +41,26 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 def test_summary_lists_files_that_exist(demo: dict[str, Any]) -> None:
-    for key in ("export", "ledger", "public_key", "policy", "checkpoint", "lineage", "bundle", "summary"):
+    for key in (
+        "export",
+        "ledger",
+        "public_key",
+        "policy",
+        "checkpoint",
+        "report",
+        "lineage",
+        "bundle",
+        "summary",
+    ):
         assert Path(demo[key]).is_file(), key
+    assert demo["report_chain_ok"] is True
+    assert Path(demo["report"]).read_text().lstrip().lower().startswith("<!doctype html")
+    with Ledger.open(demo["ledger"]) as led:
+        profile = led.entry(demo["profile_seq"])
+    assert profile.kind == "profile" and profile.body["run"] == "digits-cnn"
+    assert len(profile.body["domains"]) >= 5 and set(profile.body["domains"]) <= {
+        f"digit-{c}" for c in range(10)
+    }
     assert json.loads(Path(demo["summary"]).read_text())["root"] == demo["root"]
 
 
@@ -154,7 +172,10 @@ def test_no_email_from_the_export_reaches_the_ledger_or_the_bundle(demo: dict[st
     present = [who for who in identities() if who.encode() in export]
     assert email(CARELESS) in present and len(present) == len(identities())  # the grep can find them
     out = Path(demo["out"])
-    shipped = [*out.glob("ledger.db*"), out / "bundle.json", out / "lineage.graphml", out / "summary.json"]
+    shipped = [
+        *out.glob("ledger.db*"),
+        *(out / n for n in ("bundle.json", "lineage.graphml", "summary.json", "report.html")),
+    ]
     for path in shipped:
         data = path.read_bytes()
         for who in present:
