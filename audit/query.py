@@ -134,12 +134,12 @@ def _metric(name: str) -> str:
         raise QueryError(f"unknown metric {name!r} (use update or self-influence)") from None
 
 
-def _unknown(what: str, name: str, known: Sequence[str]) -> QueryError:
+def _unknown(what: str, name: str, known: Sequence[str], where: str = "") -> QueryError:
     close = difflib.get_close_matches(name, list(known), n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     if not close and len(known) <= 12:
         hint = f" (known: {', '.join(known) or 'none'})"
-    return QueryError(f"unknown {what} {name!r}{hint}")
+    return QueryError(f"unknown {what} {name!r}{where}{hint}")
 
 
 # ----- access ------------------------------------------------------------------------------------------
@@ -199,7 +199,7 @@ def _find_run(conn: Connection, run: str) -> _RunInfo:
 
 def _layer_index(info: _RunInfo, layer: str) -> int:
     if layer not in info.layers:
-        raise _unknown(f"layer of run {info.run!r}", layer, info.layers)
+        raise _unknown("layer", layer, info.layers, f" in run {info.run!r}")
     return info.layers.index(layer)
 
 

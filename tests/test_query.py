@@ -253,7 +253,7 @@ def test_unknown_names_and_bad_input_raise_query_errors(trained: Any) -> None:
     led = trained["ledger"]
     with pytest.raises(query.QueryError, match="unknown run 'mpl'.*'mlp'"):
         query.layer(led, "mpl", "0")
-    with pytest.raises(query.QueryError, match="unknown layer of run 'mlp' '5'"):
+    with pytest.raises(query.QueryError, match=r"unknown layer '5' in run 'mlp' \(known: 0, 2, 4\)"):
         query.layer(led, "mlp", "5")
     with pytest.raises(query.QueryError, match="lab-55|unknown label"):
         query.label(led, "lab-55")
