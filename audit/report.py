@@ -657,7 +657,12 @@ def _privacy(ctx: ra.RunContext, stats: _StepStats) -> Section:
             meaning,
             "<p>Differential privacy was <b>not</b> enabled for this run: no privacy guarantee is claimed.</p>",
         )
-    rows = [(text(k), text(v)) for k, v in sorted(dp.items()) if k != "noise_seed"]
+    unset = {"sample_rate": "not set: derived at the first step as batch size / examples in the manifest"}
+    rows = [
+        (text(k), text(v) if v is not None else text(unset.get(k, "not set")))
+        for k, v in sorted(dp.items())
+        if k != "noise_seed"
+    ]
     body = table(["Setting", "Value"], rows, "kv")
     if stats.eps:
         steps = [s for s, _ in stats.eps]
