@@ -115,8 +115,9 @@ def test_tiny_transformer(tmp_path: Path) -> None:
     assert body["entropy"]["ambiguous"][late]["mean"] > body["entropy"]["clean"][late]["mean"]
 
 
-def test_tiny_transformer_as_a_script(tmp_path: Path) -> None:
-    assert run_script("tiny_transformer.py", "--out", str(tmp_path / "t"), "--n", "150", "--epochs", "1") == 0
+def test_tiny_transformer_refuses_an_existing_ledger(tmp_path: Path) -> None:
+    (tmp_path / "ledger.db").write_bytes(b"")
+    assert run_script("tiny_transformer.py", "--out", str(tmp_path)) == 2
 
 
 def test_auditor_walkthrough_names_real_commands() -> None:

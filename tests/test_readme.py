@@ -45,7 +45,7 @@ def test_quickstart_runs_verbatim_from_a_fresh_clone(tmp_path: Path) -> None:
     script = clone / "readme_quickstart.py"
     script.write_text(code, encoding="utf-8")
     # the script's directory (the clone) comes first on sys.path, ahead of the editable install of ROOT
-    probe = "import ledger, instrument, audit; print(ledger.__file__, instrument.__file__, audit.__file__)"
+    probe = "import importlib.util as u; print(*(u.find_spec(m).origin for m in ('ledger', 'instrument', 'audit')))"
     env = {**os.environ, "PYTHONPATH": str(clone), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     where = subprocess.run(
         [sys.executable, "-c", probe], cwd=clone, env=env, capture_output=True, text=True, timeout=120
