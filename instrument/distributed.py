@@ -126,11 +126,19 @@ def _sum_hook(state: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch
     return fut.then(lambda f: f.value()[0])
 
 
+# DDP checks the hook's annotations as objects; with postponed annotations they would be strings
+_sum_hook.__annotations__ = {
+    "state": object,
+    "bucket": dist.GradBucket,
+    "return": torch.futures.Future[torch.Tensor],
+}
+
+
 def install_sum_hook(model: nn.parallel.DistributedDataParallel) -> None:
     """Make DDP's gradient all-reduce a sum, so a "sum"-reduced loss trains as in one process."""
     try:
         model.register_comm_hook(None, _sum_hook)
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError) as exc:
         raise ValueError(
             "attach: loss_reduction='sum' under DistributedDataParallel needs gradledger's summing "
             f"communication hook, but the model refused it ({exc}); register no comm hook of your own, or use "

@@ -57,7 +57,10 @@ def _torchrun(ledger: Path, *extra: str) -> list[str]:
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runs]:
     d = tmp_path_factory.mktemp("ddp")
     r = Runs(d / "one.db", d / "two.db", d / "killed.db", {})
+    (d / "ranks").mkdir()
+    spawn = f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); import test_ddp; test_ddp.spawn_ranks({str(d / 'ranks')!r})"
     procs = {
+        "ranks": _start([sys.executable, "-c", spawn]),
         "one": _start([sys.executable, str(EXAMPLE), "--ledger", str(r.one), *ARGS]),
         "two": _start(_torchrun(r.two)),
         "killed": _start(
@@ -133,3 +136,71 @@ def test_a_killed_rank_leaves_a_verifying_ledger_with_complete_steps(runs: Runs)
     one = _steps(runs.one)
     for a, b in zip(one, killed, strict=False):
         _assert_same_step(a, b)  # complete: all 64 rows of each step, equal to the one-process run
+
+
+def _rank_main(rank: int, world: int, port: int, tmp: str) -> None:
+    """Two gloo ranks, no torchrun: "sum" trains as one process (summing comm hook); uneven "mean" is refused."""
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+
+    import instrument
+    from instrument.distributed import DistributedError
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    ref = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3))
+    net = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3))
+    net.load_state_dict(ref.state_dict())
+    ddp = nn.parallel.DistributedDataParallel(net)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    led = Ledger.open(Path(tmp) / "sum.db", create=True) if rank == 0 else None
+    tr = instrument.attach(ddp, opt, ledger=led, run="sum", loss_reduction="sum", max_pending=0)
+    rows = slice(4 * rank, 4 * rank + 4)
+    with tr.batch([f"e{i}" for i in range(8)][rows]):
+        nn.functional.cross_entropy(ddp(x[rows]), y[rows], reduction="sum").backward()
+        opt.step()
+    tr.close()
+    nn.functional.cross_entropy(ref(x), y, reduction="sum").backward()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p -= 0.1 * p.grad
+    for a, b in zip(net.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+    net2 = nn.Sequential(nn.Linear(5, 3))
+    ddp2 = nn.parallel.DistributedDataParallel(net2)
+    opt2 = torch.optim.SGD(net2.parameters(), lr=0.1)
+    tr2 = instrument.attach(ddp2, opt2, ledger=led, run="uneven", max_pending=0)
+    rows = (
+        slice(0, 3) if rank == 0 else slice(3, 8)
+    )  # 3 vs 5 rows under "mean": DDP's average is not the mean
+    ids = [f"e{i}" for i in range(8)][rows]
+    with pytest.raises(DistributedError, match=r"micro-batch 0 has \[3, 5\] rows"), tr2.batch(ids):
+        nn.functional.cross_entropy(ddp2(x[rows]), y[rows]).backward()
+        opt2.step()
+    if led is not None:
+        steps = list(led.steps("sum"))
+        assert len(steps) == 1 and steps[0].example_ids == [f"e{i}" for i in range(8)]
+        assert not list(led.steps("uneven"))
+        led.close()
+    dist.destroy_process_group()
+
+
+def spawn_ranks(tmp: str) -> None:
+    """Entry point of the fixture's fourth process: two spawned ranks running :func:`_rank_main`."""
+    import socket
+
+    import torch.multiprocessing as tmp_mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tmp_mp.spawn(_rank_main, args=(2, port, tmp), nprocs=2, join=True)
+
+
+def test_sum_reduction_trains_as_one_process_and_uneven_mean_batches_are_refused(runs: Runs) -> None:
+    rc, out = runs.outputs["ranks"]
+    assert rc == 0, out[-4000:]
