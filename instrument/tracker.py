@@ -57,7 +57,7 @@ import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import rfc8785
@@ -74,42 +74,63 @@ from .policy import BoundPolicy, Policy
 # ----- per-sample losses ---------------------------------------------------------------------------
 
 
-def _per_sample_loss(crit: nn.Module, inp: torch.Tensor, target: torch.Tensor, n: int) -> torch.Tensor:
-    """The criterion with reduction='none', one value per sample: the mean over each sample's elements
-    (tokens, pixels, outputs), ignoring ``ignore_index`` targets. ``inp`` has ``n`` rows, or ``n * k`` rows
-    flattened batch-major (``out.reshape(-1, C)`` of a [n, k, C] output, as token-level losses do)."""
+_CHUNK_ELEMS = 1 << 18  # input elements per chunk when recomputing losses (bounds the log_softmax temporary)
+
+
+def _elementwise_loss(crit: nn.Module, inp: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The criterion with reduction='none'."""
     if isinstance(crit, nn.CrossEntropyLoss):
-        out = F.cross_entropy(
-            inp,
-            target,
-            weight=crit.weight,
-            ignore_index=crit.ignore_index,
-            reduction="none",
+        return F.cross_entropy(
+            inp, target, weight=crit.weight, ignore_index=crit.ignore_index, reduction="none",
             label_smoothing=crit.label_smoothing,
-        )
-    elif isinstance(crit, nn.NLLLoss):
-        out = F.nll_loss(inp, target, weight=crit.weight, ignore_index=crit.ignore_index, reduction="none")
-    elif isinstance(crit, nn.MSELoss):
-        out = F.mse_loss(inp, target, reduction="none")
-    elif isinstance(crit, nn.L1Loss):
-        out = F.l1_loss(inp, target, reduction="none")
-    elif isinstance(crit, nn.HuberLoss):
-        out = F.huber_loss(inp, target, reduction="none", delta=crit.delta)
-    elif isinstance(crit, nn.SmoothL1Loss):
-        out = F.smooth_l1_loss(inp, target, reduction="none", beta=crit.beta)
-    elif isinstance(crit, nn.BCEWithLogitsLoss):
-        out = F.binary_cross_entropy_with_logits(
+        )  # fmt: skip
+    if isinstance(crit, nn.NLLLoss):
+        return F.nll_loss(inp, target, weight=crit.weight, ignore_index=crit.ignore_index, reduction="none")
+    if isinstance(crit, nn.MSELoss):
+        return F.mse_loss(inp, target, reduction="none")
+    if isinstance(crit, nn.L1Loss):
+        return F.l1_loss(inp, target, reduction="none")
+    if isinstance(crit, nn.HuberLoss):
+        return F.huber_loss(inp, target, reduction="none", delta=crit.delta)
+    if isinstance(crit, nn.SmoothL1Loss):
+        return F.smooth_l1_loss(inp, target, reduction="none", beta=crit.beta)
+    if isinstance(crit, nn.BCEWithLogitsLoss):
+        return F.binary_cross_entropy_with_logits(
             inp, target, weight=crit.weight, pos_weight=crit.pos_weight, reduction="none"
         )
-    elif isinstance(crit, nn.BCELoss):
-        out = F.binary_cross_entropy(inp, target, weight=crit.weight, reduction="none")
-    else:  # pragma: no cover - refused at attach
-        raise TypeError(type(crit).__name__)
-    out = out.reshape(n, -1)
-    if isinstance(crit, nn.CrossEntropyLoss | nn.NLLLoss) and not target.is_floating_point():
-        keep = (target != crit.ignore_index).reshape(n, -1).to(out.dtype)
-        return (out * keep).sum(1) / keep.sum(1).clamp(min=1)
-    return out.mean(dim=1)
+    if isinstance(crit, nn.BCELoss):
+        return F.binary_cross_entropy(inp, target, weight=crit.weight, reduction="none")
+    raise TypeError(type(crit).__name__)  # pragma: no cover - refused at attach
+
+
+def _per_sample_loss(crit: nn.Module, inp: torch.Tensor, target: torch.Tensor, n: int) -> torch.Tensor:
+    """One loss per sample: the mean over each sample's elements (tokens, pixels, outputs), skipping
+    ``ignore_index`` targets. ``inp`` has ``n`` rows, or ``n * k`` rows flattened batch-major
+    (``out.reshape(-1, C)`` of a [n, k, C] output, as token-level losses do).
+
+    Rows are processed in chunks of about ``_CHUNK_ELEMS`` input elements, so the recomputation's temporaries
+    (e.g. cross-entropy's log-softmax over a large vocabulary) stay small next to the step's activations.
+    """
+    rows = inp.shape[0]
+    weights = [getattr(crit, a, None) for a in ("weight", "pos_weight")]
+    chunkable = all(w is None or w.dim() <= 1 for w in weights)  # per-element weights would need slicing
+    step = max(1, _CHUNK_ELEMS // max(1, inp[0].numel())) if chunkable else rows
+    masked = isinstance(crit, nn.CrossEntropyLoss | nn.NLLLoss) and not target.is_floating_point()
+    ignore = cast(int, getattr(crit, "ignore_index", -100))
+    sums, counts = [], []
+    for s in range(0, rows, step):
+        out = _elementwise_loss(crit, inp[s : s + step], target[s : s + step])
+        out = out.reshape(out.shape[0], -1)
+        if masked:
+            keep = torch.ne(target[s : s + step], ignore).reshape(out.shape[0], -1).to(out.dtype)
+            sums.append((out * keep).sum(1))
+            counts.append(keep.sum(1))
+        else:
+            sums.append(out.sum(1))
+            counts.append(torch.full((out.shape[0],), out.shape[1], dtype=out.dtype, device=out.device))
+    total = torch.cat(sums).reshape(n, -1).sum(1)
+    count = torch.cat(counts).reshape(n, -1).sum(1)
+    return total / count.clamp(min=1)
 
 
 SUPPORTED_CRITERIA = (

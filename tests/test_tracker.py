@@ -682,3 +682,57 @@ def test_token_level_losses_from_flattened_outputs(led: Any) -> None:
     (rec,) = led.steps("tok")
     np.testing.assert_allclose(rec.losses, expect, rtol=1e-6)
     assert rec.margins is None  # margins are per example, not per token
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 18])
+@pytest.mark.parametrize(
+    "crit",
+    [
+        nn.CrossEntropyLoss(ignore_index=2, label_smoothing=0.1),
+        nn.CrossEntropyLoss(weight=torch.rand(5, dtype=torch.float64) + 0.5),
+        nn.MSELoss(),
+        nn.BCEWithLogitsLoss(pos_weight=torch.full((5,), 2.0, dtype=torch.float64)),
+        nn.HuberLoss(delta=0.5),
+    ],
+    ids=["ce-ignore-smooth", "ce-weight", "mse", "bce-logits", "huber"],
+)
+def test_per_sample_losses_match_a_loop_over_samples(
+    crit: nn.Module, chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunked recomputation (any chunk size) equals each sample's own criterion value, computed alone."""
+    from instrument import tracker as T
+
+    monkeypatch.setattr(T, "_CHUNK_ELEMS", chunk)
+    g = torch.Generator().manual_seed(0)
+    n, k = 4, 3  # 4 samples, 3 rows each, flattened batch-major
+    inp = torch.randn(n * k, 5, generator=g, dtype=torch.float64)
+    if isinstance(crit, nn.CrossEntropyLoss):
+        tgt = torch.randint(0, 5, (n * k,), generator=g)
+    else:
+        tgt = torch.rand(n * k, 5, generator=g, dtype=torch.float64)
+    got = T._per_sample_loss(crit, inp, tgt, n)
+    expect = []
+    for i in range(n):
+        rows = slice(i * k, i * k + k)
+        x, t = inp[rows], tgt[rows]
+        if isinstance(crit, nn.CrossEntropyLoss) and crit.ignore_index == 2:
+            keep = t != 2
+            x, t = x[keep], t[keep]
+        if isinstance(crit, nn.CrossEntropyLoss) and crit.weight is not None:
+            # class-weighted per-sample loss, unnormalised: the mean of w_y * loss over the sample's rows
+            expect.append(
+                float((crit.weight[t] * nn.functional.cross_entropy(x, t, reduction="none")).mean())
+            )
+            continue
+        expect.append(float(type(crit)(**_crit_kwargs(crit), reduction="mean")(x, t)))
+    np.testing.assert_allclose(got.numpy(), expect, rtol=1e-12)
+
+
+def _crit_kwargs(crit: nn.Module) -> dict[str, Any]:
+    if isinstance(crit, nn.CrossEntropyLoss):
+        return {"ignore_index": crit.ignore_index, "label_smoothing": crit.label_smoothing}
+    if isinstance(crit, nn.BCEWithLogitsLoss):
+        return {"pos_weight": crit.pos_weight}
+    if isinstance(crit, nn.HuberLoss):
+        return {"delta": crit.delta}
+    return {}
