@@ -25,6 +25,13 @@ the C ``json`` encoder provably produces the same bytes -- ASCII keys only (so c
 RFC 8785's UTF-16 order), integers in the safe range, and floats only where Python's ``repr`` equals the
 ECMAScript number format (non-integral magnitudes in [1e-4, 1e16); integral floats below 2**53 become
 ints) -- and otherwise falls back to ``rfc8785.dumps``. Hypothesis tests compare both paths byte for byte.
+A float outside that range (e.g. a DP ``delta`` of ``1e-05``, which Python prints as ``1e-05`` and ECMAScript
+as ``0.00001``) does not send the whole body to the slow path: the walk puts a placeholder string
+(``"\\x00<n>"``, which ``json`` writes as ``"\\u0000<n>"``) in its place and the placeholder is replaced by
+``rfc8785.dumps`` of that one float. The output is accepted only if it holds exactly as many ``"\\u0000``
+sequences as there are placeholders (so no user string can be mistaken for one); otherwise the whole value
+goes to ``rfc8785``. The same placeholder carries long lists of plain printable-ASCII strings (a step's 256
+example ids), which one ``str.join`` writes ~10x faster than the C encoder's per-string calls.
 """
 
 from __future__ import annotations
@@ -66,13 +73,20 @@ _PLAIN = frozenset({str, bool, _NONE})  # scalars the C json encoder writes exac
 
 
 class _Walk:
-    """State of one canonicalisation walk: ``fast`` stays True while json.dumps output == RFC 8785 output."""
+    """State of one canonicalisation walk: ``fast`` stays True while json.dumps output == RFC 8785 output.
 
-    __slots__ = ("fast", "root")
+    ``specials`` are RFC 8785 texts written by the walk itself (floats whose Python repr differs from the
+    ECMAScript format, long lists of plain strings); each was replaced by the placeholder string
+    ``"\\x00<index>"`` in the prepared value (see the module docstring).
+    """
 
-    def __init__(self, root: str) -> None:
+    __slots__ = ("fast", "root", "specials", "place")
+
+    def __init__(self, root: str, place: bool = True) -> None:
         self.fast = True
         self.root = root
+        self.specials: list[str] = []
+        self.place = place  # False: keep special floats as floats (for the rfc8785 fallback)
 
     def path(self, parts: tuple[object, ...]) -> str:
         return self.root + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts)
@@ -84,16 +98,22 @@ class _Walk:
             raise CanonicalError(
                 f"{self.path(parts)}: integer {x} is outside the JSON safe range |n| <= 2**53-1; store it as a string"
             )
-        if math.isnan(x) or math.isinf(x):
+        if x != x or x in _INFINITIES:
             return _float_marker(x)
         ax = abs(x)
         if x.is_integer():
             if ax <= MAX_SAFE_INT:
                 return int(x)
+        elif 1e-4 <= ax < 1e16:
+            return x
+        if not self.place:
             self.fast = False
-        elif not (1e-4 <= ax < 1e16):
-            self.fast = False
-        return x
+            return x
+        return self.placeholder(rfc8785.dumps(x).decode("ascii"))
+
+    def placeholder(self, raw_json: str) -> str:
+        self.specials.append(raw_json)
+        return f"\x00{len(self.specials) - 1}"
 
     def value(self, x: Any, parts: tuple[object, ...]) -> Any:
         """A JSON-ready version of ``x``; the same object when nothing needs to change."""
@@ -103,17 +123,30 @@ class _Walk:
         if t is int or t is float:
             return self.number(x, parts)
         if t is list or t is tuple:
+            if len(x) >= _STR_LIST_MIN and self.place:
+                try:
+                    joined = "".join(x)  # TypeError unless every element is a str
+                except TypeError:
+                    pass
+                else:
+                    # Plain printable ASCII without quote or backslash needs no escaping in either encoder:
+                    # write the list here in one join instead of one C-encoder call per string.
+                    if joined.isascii() and not joined.encode("ascii").translate(None, _NO_ESCAPE):
+                        return self.placeholder('["' + '","'.join(x) + '"]')
+                    return x
             types = set(map(type, x))
             if types <= _PLAIN:
                 return x
-            if types <= {int, str, bool, _NONE} and all(
-                -MAX_SAFE_INT <= e <= MAX_SAFE_INT for e in x if type(e) is int
-            ):
-                return x
-            if types == {float} and all(1e-4 <= abs(e) < 1e16 and not e.is_integer() for e in x):
-                return x
-            out = [self.value(e, (*parts, i)) for i, e in enumerate(x)]
-            return out
+            # Whole-list checks at C speed (map/min/max) before any per-element Python work.
+            if types <= _INT_PLAIN:
+                ints = [e for e in x if type(e) is int]
+                if min(ints) >= -MAX_SAFE_INT and max(ints) <= MAX_SAFE_INT:
+                    return x
+            elif types == _FLOAT_ONLY and not any(map(math.isnan, x)):
+                mags = list(map(abs, x))  # NaN excluded above, so min/max are exact
+                if min(mags) >= 1e-4 and max(mags) < 1e16 and not any(map(float.is_integer, x)):
+                    return x
+            return [self.value(e, (*parts, i)) for i, e in enumerate(x)]
         if t is dict or isinstance(x, Mapping):
             changed = t is not dict
             out_d: dict[str, Any] = {}
@@ -150,17 +183,40 @@ class _Walk:
         raise CanonicalError(f"{self.path(parts)}: unsupported type {type(x).__name__} in an entry body")
 
 
+_INFINITIES = (math.inf, -math.inf)
+# ASCII bytes that both encoders write verbatim inside a string (printable, not '"' or '\\')
+_NO_ESCAPE = bytes(c for c in range(0x20, 0x7F) if c not in (0x22, 0x5C))
+_STR_LIST_MIN = 16  # string lists at least this long are written by join (e.g. a step's example ids)
+_INT_PLAIN = frozenset({int, str, bool, _NONE})
+_FLOAT_ONLY = {float}
+_PLACEHOLDER = re.compile(r'"\\u0000([0-9]+)"')
+_dumps_fast = json.JSONEncoder(
+    ensure_ascii=False, separators=(",", ":"), sort_keys=True, allow_nan=False, check_circular=False
+).encode
+
+
+def _with_specials(text: str, specials: list[str]) -> str | None:
+    """Put each placeholder's RFC 8785 text in its place; None if a user string could be mistaken for one."""
+    if text.count('"\\u0000') != len(specials):
+        return None
+    return _PLACEHOLDER.sub(lambda m: specials[int(m[1])], text)
+
+
 def canonical_json(value: Any, path: str = "body") -> bytes:
     """RFC 8785 bytes of ``value`` with the NaN/Inf extension (see module docstring)."""
     walk = _Walk(path)
     prepared = walk.value(value, ())
     if walk.fast:
         try:
-            return json.dumps(
-                prepared, ensure_ascii=False, separators=(",", ":"), sort_keys=True, allow_nan=False
-            ).encode("utf-8")
+            text: str | None = _dumps_fast(prepared)
+            if walk.specials:
+                text = _with_specials(text, walk.specials)  # type: ignore[arg-type]
+            if text is not None:
+                return text.encode("utf-8")
         except UnicodeEncodeError:
             pass  # lone surrogates: let rfc8785 decide
+    if walk.specials:
+        prepared = _Walk(path, place=False).value(value, ())  # real floats: rfc8785 formats them itself
     try:
         return rfc8785.dumps(prepared)
     except rfc8785.CanonicalizationError as exc:

@@ -178,3 +178,40 @@ def test_malformed_descriptor_columns_rejected() -> None:
         descriptors_json([("x", '<f4","size":1', "[1]", bytes(32), 4)])
     with pytest.raises(CanonicalError):
         descriptors_json([("x", "<f4", "[1, 2]", bytes(32), 8)])
+
+
+# Floats outside [1e-4, 1e16) take the placeholder path; strings made of NULs, quotes, backslashes and digits
+# are the ones that could be mistaken for a placeholder, so mix the two.
+special_floats = st.sampled_from([1e-5, -1e-7, 5e-324, 1e16, 1e21, 2.0**60, 3e-9, 1e300]) | floats
+clash_text = st.text(alphabet=st.sampled_from(["\x00", '"', "\\", "u", "0", "1", "2", "a", "é"]), max_size=8)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.recursive(
+        st.none() | special_floats | clash_text | st.integers(-SAFE, SAFE),
+        lambda kids: (
+            st.lists(kids, max_size=5)
+            | st.dictionaries(clash_text.filter(lambda k: not k.startswith("$")), kids, max_size=5)
+        ),
+        max_leaves=20,
+    )
+)
+def test_special_float_placeholders_equal_rfc8785(value: object) -> None:
+    assert canonical_json(value) == rfc8785.dumps(value)
+
+
+def test_small_floats_stay_on_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a DP step body (delta 1e-05) must not send the whole 256-id body through pure-Python rfc8785
+    import ledger.canonical as canonical
+
+    seen: list[type] = []
+    real = rfc8785.dumps
+    monkeypatch.setattr(canonical.rfc8785, "dumps", lambda v: seen.append(type(v)) or real(v))
+    body = {
+        "example_ids": [f"ex-{i}" for i in range(256)],
+        "dp": {"delta": 1e-05, "eps": 0.25},
+        "lr": [1e-5] * 4,
+    }
+    assert canonical_json(body) == real(body)
+    assert seen and set(seen) == {float}
