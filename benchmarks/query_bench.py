@@ -102,6 +102,12 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=20)
     ap.add_argument("--db", default=None, help="database URL (default: a SQLite file in a temp dir)")
     ap.add_argument("--dir", default=None, help="where the SQLite files go")
+    ap.add_argument(
+        "--baseline-db",
+        default=None,
+        help="database URL for the no-indexer baseline (default: a SQLite file; with --db, give one on the "
+        "same server or the paired phase is skipped: a SQLite baseline would not compare like with like)",
+    )
     ap.add_argument("--quick", action="store_true", help="4k examples x 2 epochs, B=64, 16 layers")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
@@ -111,7 +117,9 @@ def main() -> None:
     layers = [f"blocks.{i}.fc" for i in range(a.layers)]
     tmp = Path(a.dir or tempfile.mkdtemp(prefix="gl-qbench-"))
     target = a.db or str(tmp / "query.db")
-    base_target = str(tmp / "baseline.db")
+    base_target = a.baseline_db or str(tmp / "baseline.db")
+    if a.db and not a.baseline_db:
+        a.paired = 0
 
     indexers.unregister(aggregates.NAME)
     baseline = Ledger.open(base_target, create=True)
@@ -177,9 +185,11 @@ def main() -> None:
         "steps": n_steps,
         "sample_steps": n_steps * a.batch,
         "build_seconds": round(build_s, 1),
-        "append_ms_with_aggregates": round(_median_ms(t_on), 3),
-        "append_ms_without": round(_median_ms(t_off), 3),
-        "aggregate_ms_per_step_paired_median": round(_median_ms(t_on) - _median_ms(t_off), 3),
+        "append_ms_with_aggregates": round(_median_ms(t_on), 3) if t_on else None,
+        "append_ms_without": round(_median_ms(t_off), 3) if t_off else None,
+        "aggregate_ms_per_step_paired_median": round(_median_ms(t_on) - _median_ms(t_off), 3)
+        if t_on
+        else None,
         "paired_steps": len(t_on),
         "indexer_apply_ms_per_step_mean_incl_folds": round(1000 * apply_s[0] / n_steps, 3),
         "folds": len(folds),
