@@ -31,10 +31,11 @@ def demo_cmd(out: Path, quick: bool, as_json: bool) -> None:
     consensus rows, rejecting reviews, gold rows; e-mail identities), the SQLite ledger it is ingested into
     (pseudonymised), keys/ (Ed25519 signing key, public key, pseudonym key), policy.yaml (low consensus:
     shallow layers only; rejected: excluded; gold: all layers), checkpoints/ (signed checkpoint notes after a
-    routed CNN run, an unrouted baseline and a DP-SGD run), lineage.graphml, bundle.json (a signed
-    provenance export with evidence), ledger-tampered.db (a copy with one flipped bit) and summary.json.
-    Prints which annotators shaped the last layer, memorisation candidates with their baselines, and the
-    checks an auditor runs on bundle.json with the public key only.
+    routed CNN run, an unrouted baseline, a DP-SGD run, and final.txt covering everything),
+    profile-data.npz (held-out images for the recorded depth profile), report.html, lineage.graphml,
+    bundle.json (a signed provenance export with evidence), ledger-tampered.db (a copy with one flipped bit)
+    and summary.json. Prints which annotators and labels shaped the last layer, memorisation candidates with
+    their baselines, and the checks an auditor runs on bundle.json with the public key only.
 
     Embedded SQLite, no network. Exit 0 when the ledger and the export verify, the tampered copy is caught
     and no e-mail address reached the ledger; 1 otherwise; 2 when OUT already holds a demo.
