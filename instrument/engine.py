@@ -432,6 +432,8 @@ class GradNormEngine:
                 except Exception as exc:
                     self._error = EngineError(f"layer {lay.name!r} ({type(lay.module).__name__}): {exc}")
                     raise self._error from exc
+                for c in calls:  # the kernel's answer holds what it still needs; free the rest now
+                    c.release()
                 self._pass_sq[lay.index] = res.norm_sq
                 if clipping:
                     lay.deferred = res

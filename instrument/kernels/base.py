@@ -63,6 +63,15 @@ class Call:
     def grad_output(self) -> Tensor:
         return self.grad(0)
 
+    def release(self) -> None:
+        """Drop the captured inputs and backprops once the kernel has used them.
+
+        The autograd graph keeps this object alive (through the ``_Tap`` node) until the graph itself is
+        freed, i.e. past the end of backward; without this every layer's input and output gradient would
+        stay resident until then, where plain autograd frees each as soon as its node has run.
+        """
+        self.args, self.kwargs, self.grad_outputs = (), {}, []
+
 
 @dataclass
 class LayerGrads:
