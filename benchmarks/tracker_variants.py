@@ -85,6 +85,10 @@ def _policy(layers: list[str]) -> Any:
     )
 
 
+def _flat(out: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    return out.reshape(-1, out.shape[-1]), y.reshape(-1)
+
+
 def _tracked(model: nn.Module, x: Tensor, y: Tensor, routed: bool, max_pending: int) -> Step:
     from instrument import GradNormEngine, attach
     from ledger.store import Ledger
@@ -102,8 +106,7 @@ def _tracked(model: nn.Module, x: Tensor, y: Tensor, routed: bool, max_pending: 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
         with tr.batch(ids):
-            out = model(x)
-            crit(out.reshape(-1, out.shape[-1]), y.reshape(-1)).backward()
+            crit(*_flat(model(x), y)).backward()  # no reference to the logits outlives the loss, as in plain
             opt.step()
 
     return step
