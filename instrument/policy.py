@@ -239,7 +239,7 @@ class Policy:
     def record(self, ledger: Any) -> int:
         """Append a ``policy`` entry (or reuse an earlier one with the same digest); return its seq."""
         digest = self.digest
-        for e in ledger.entries(kind="policy"):
+        for e in ledger.entries(kind="policy", payloads=False):
             if e.body.get("digest") == digest:
                 return int(e.seq)
         return int(ledger.append("policy", {"name": self.name, "digest": digest, "policy": self.to_dict()}))

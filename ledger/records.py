@@ -227,7 +227,7 @@ def iter_steps(ledger: Any, run: str) -> Iterator[StepRecord]:
 
 def runs(ledger: Any) -> list[RunRecord]:
     """Every ``run`` entry, in ledger order."""
-    return [RunRecord.from_entry(e) for e in ledger.entries(kind="run")]
+    return [RunRecord.from_entry(e) for e in ledger.entries(kind="run", payloads=False)]
 
 
 def run_record(ledger: Any, run: str) -> RunRecord:
@@ -242,5 +242,7 @@ def run_record(ledger: Any, run: str) -> RunRecord:
 def checkpoints(ledger: Any, run: str) -> list[CheckpointRecord]:
     """The run's checkpoint entries, in ledger order."""
     return [
-        CheckpointRecord.from_entry(e) for e in ledger.entries(kind="checkpoint") if e.body.get("run") == run
+        CheckpointRecord.from_entry(e)
+        for e in ledger.entries(kind="checkpoint", payloads=False)
+        if e.body.get("run") == run
     ]
