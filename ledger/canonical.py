@@ -36,9 +36,11 @@ example ids), which one ``str.join`` writes ~10x faster than the C encoder's per
 
 from __future__ import annotations
 
+import binascii
 import hashlib
 import json
 import math
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -70,6 +72,107 @@ def _float_marker(x: float) -> dict[str, str]:
 
 _NONE = type(None)
 _PLAIN = frozenset({str, bool, _NONE})  # scalars the C json encoder writes exactly as RFC 8785 does
+
+
+class CanonicalJSON(bytes):
+    """RFC 8785 bytes of a JSON value that the caller already produced, to be placed verbatim.
+
+    Put one anywhere in an entry body (or pass one as the whole body) to avoid encoding the same value
+    twice -- ingest hashes a label's canonical value (``value_sha256``) and splices the same bytes into the
+    body. The bytes are trusted; with ``GRADLEDGER_CHECK_CANONICAL=1`` in the environment (the test suite
+    sets it) each one is decoded and re-encoded and a mismatch raises ``CanonicalError``. A wrong splice
+    could not hide anything anyway: the leaf hash covers the stored bytes, and ``verify --deep`` re-checks
+    that every stored body is canonical.
+    """
+
+    __slots__ = ()
+
+
+CHECK_CANONICAL = os.environ.get("GRADLEDGER_CHECK_CANONICAL", "") not in ("", "0")
+
+
+def _trusted_text(raw: CanonicalJSON, path: str) -> str:
+    if CHECK_CANONICAL:
+        try:
+            again = canonical_json(_restore(json.loads(raw)), path)
+        except ValueError as exc:
+            raise CanonicalError(f"{path}: pre-canonicalised bytes are not JSON ({exc})") from exc
+        if again != raw:
+            raise CanonicalError(f"{path}: pre-canonicalised bytes are not in RFC 8785 form")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CanonicalError(f"{path}: pre-canonicalised bytes are not UTF-8") from exc
+
+
+class _Slow(Exception):
+    """The lean walk met something it does not handle; the full walk takes over."""
+
+
+_GOOD_KEYS: set[str] = set()  # keys already seen to be ASCII and not reserved (bodies repeat their keys)
+
+
+def _lean(x: Any, specials: list[str]) -> Any:
+    """The common case of ``_Walk.value`` without paths: JSON-native values whose json.dumps is RFC 8785.
+
+    Raises ``_Slow`` for anything else (numpy scalars, tuples, mappings other than dict, large ints,
+    non-ASCII or reserved keys, bad input); ``_Walk`` then redoes the value with full checks
+    and error paths. About 3x fewer Python operations per node than ``_Walk``.
+    """
+    t = type(x)
+    if t is str or t is bool or x is None:
+        return x
+    if t is int:
+        if -MAX_SAFE_INT <= x <= MAX_SAFE_INT:
+            return x
+        raise _Slow
+    if t is float:
+        if x.is_integer():
+            if -MAX_SAFE_INT <= x <= MAX_SAFE_INT:
+                return int(x)
+        elif 1e-4 <= abs(x) < 1e16:
+            return x
+        elif x != x or x in _INFINITIES:
+            return _float_marker(x)
+        specials.append(rfc8785.dumps(x).decode("ascii"))
+        return f"\x00{len(specials) - 1}"
+    if t is dict:
+        out = None
+        for k, v in x.items():
+            if k not in _GOOD_KEYS:
+                if type(k) is not str or not k.isascii() or k[:1] == "$":
+                    raise _Slow
+                if len(_GOOD_KEYS) < 4096:
+                    _GOOD_KEYS.add(k)
+            nv = _lean(v, specials)
+            if nv is not v:
+                if out is None:
+                    out = dict(x)
+                out[k] = nv
+        return x if out is None else out
+    if t is list:
+        if len(x) >= _STR_LIST_MIN:
+            try:
+                joined = "".join(x)
+            except TypeError:
+                pass
+            else:
+                if joined.isascii() and not joined.encode("ascii").translate(None, _NO_ESCAPE):
+                    specials.append('["' + '","'.join(x) + '"]')
+                    return f"\x00{len(specials) - 1}"
+                return x
+        lout = None
+        for i, v in enumerate(x):
+            nv = _lean(v, specials)
+            if nv is not v:
+                if lout is None:
+                    lout = list(x)
+                lout[i] = nv
+        return x if lout is None else lout
+    if t is CanonicalJSON:
+        specials.append(_trusted_text(x, "body"))
+        return f"\x00{len(specials) - 1}"
+    raise _Slow
 
 
 class _Walk:
@@ -163,6 +266,11 @@ class _Walk:
                 changed = changed or v2 is not v
                 out_d[k] = v2
             return out_d if changed else x
+        if t is CanonicalJSON:
+            if self.place:
+                return self.placeholder(_trusted_text(x, self.path(parts)))
+            self.fast = False
+            return json.loads(x)  # canonical already: rfc8785 writes it back unchanged
         if isinstance(x, np.generic):
             if isinstance(x, np.bool_):
                 return bool(x)
@@ -204,13 +312,23 @@ def _with_specials(text: str, specials: list[str]) -> str | None:
 
 def canonical_json(value: Any, path: str = "body") -> bytes:
     """RFC 8785 bytes of ``value`` with the NaN/Inf extension (see module docstring)."""
+    specials: list[str] = []
+    text: str | None
+    try:
+        text = _dumps_fast(_lean(value, specials))
+        if specials:
+            text = _with_specials(text, specials)
+        if text is not None:
+            return text.encode("utf-8")
+    except (_Slow, UnicodeEncodeError):
+        pass
     walk = _Walk(path)
     prepared = walk.value(value, ())
     if walk.fast:
         try:
-            text: str | None = _dumps_fast(prepared)
+            text = _dumps_fast(prepared)
             if walk.specials:
-                text = _with_specials(text, walk.specials)  # type: ignore[arg-type]
+                text = _with_specials(text, walk.specials)
             if text is not None:
                 return text.encode("utf-8")
         except UnicodeEncodeError:
@@ -226,7 +344,12 @@ def canonical_json(value: Any, path: str = "body") -> bytes:
 
 
 def canonical_body(body: Mapping[str, Any]) -> bytes:
-    """Canonical bytes of an entry body, which must be a JSON object."""
+    """Canonical bytes of an entry body, which must be a JSON object (or ``CanonicalJSON`` of one)."""
+    if type(body) is CanonicalJSON:
+        if body[:1] != b"{":
+            raise CanonicalError("body: pre-canonicalised body is not a JSON object")
+        _trusted_text(body, "body")
+        return bytes(body)
     if not isinstance(body, Mapping):
         raise CanonicalError(f"body: must be a JSON object (dict), got {type(body).__name__}")
     return canonical_json(body, "body")
@@ -256,11 +379,22 @@ def decode_body(data: bytes) -> dict[str, Any]:
     return _restore(obj) if _has_marker(data) else obj
 
 
+_JSON_STRINGS: dict[str, bytes] = {}  # kinds and batch timestamps repeat from entry to entry
+
+
 def json_string(s: str) -> bytes:
     """RFC 8785 bytes of one string (fast path for plain printable ASCII, which needs no escaping)."""
+    hit = _JSON_STRINGS.get(s)
+    if hit is not None:
+        return hit
     if s.isascii() and s.isprintable() and '"' not in s and "\\" not in s:
-        return b'"' + s.encode("ascii") + b'"'
-    return rfc8785.dumps(s)
+        out = b'"' + s.encode("ascii") + b'"'
+    else:
+        out = rfc8785.dumps(s)
+    if len(_JSON_STRINGS) >= 4096:
+        _JSON_STRINGS.clear()
+    _JSON_STRINGS[s] = out
+    return out
 
 
 @dataclass(frozen=True)
@@ -307,7 +441,8 @@ def payload_array(dtype: str, shape: str, data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype=np.dtype(dtype)).reshape(dims)
 
 
-_CHECKED_DESCRIPTORS: set[tuple[str, str, str]] = set()  # (name, dtype, shape) already pattern-checked
+# (name, dtype, shape) already pattern-checked -> the descriptor's bytes before and after the sha256 hex
+_CHECKED_DESCRIPTORS: dict[tuple[str, str, str], tuple[bytes, bytes]] = {}
 
 
 def descriptors_json(items: list[tuple[str, str, str, bytes, int]]) -> bytes:
@@ -321,7 +456,8 @@ def descriptors_json(items: list[tuple[str, str, str, bytes, int]]) -> bytes:
     parts = []
     for name, dtype, shape, sha, size in sorted(items) if len(items) > 1 else items:
         key = (name, dtype, shape)
-        if key not in _CHECKED_DESCRIPTORS:
+        frame = _CHECKED_DESCRIPTORS.get(key)
+        if frame is None:
             if not (
                 isinstance(name, str)
                 and isinstance(dtype, str)
@@ -333,34 +469,42 @@ def descriptors_json(items: list[tuple[str, str, str, bytes, int]]) -> bytes:
                 raise CanonicalError(
                     f"payload {name!r}: malformed descriptor columns (dtype {dtype!r}, shape {shape!r})"
                 )
+            frame = (
+                f'"{name}":{{"dtype":"{dtype}","sha256":"'.encode("ascii"),
+                f'","shape":{shape},"size":'.encode("ascii"),
+            )
             if len(_CHECKED_DESCRIPTORS) < 4096:
-                _CHECKED_DESCRIPTORS.add(key)
-        parts.append(f'"{name}":{{"dtype":"{dtype}","sha256":"{sha.hex()}","shape":{shape},"size":{size}}}')
-    return ("{" + ",".join(parts) + "}").encode("ascii")
+                _CHECKED_DESCRIPTORS[key] = frame
+        parts.append(b"%s%s%s%d}" % (frame[0], binascii.hexlify(sha), frame[1], size))
+    return b"{" + b",".join(parts) + b"}"
+
+
+_LEAF_FORMAT = ENTRY_PREFIX + b'{"body":%s,"kind":%s,"payloads":%s,"prev":"%s","seq":%d,"ts":%s,"v":%d}'
 
 
 def leaf_data(kind: str, v: int, seq: int, ts: str, prev: bytes, body: bytes, payloads: bytes) -> bytes:
     """Leaf data from stored columns: the prefix + RFC 8785 of the entry object (keys in sorted order).
 
     ``body`` and ``payloads`` are already-canonical bytes (``canonical_body`` / ``descriptors_json``).
+    A column of the wrong type (str where bytes belong, a non-number seq or v) raises TypeError.
     """
-    return b"".join(
-        (
-            ENTRY_PREFIX,
-            b'{"body":',
-            body,
-            b',"kind":',
-            json_string(kind),
-            b',"payloads":',
-            payloads,
-            b',"prev":"',
-            prev.hex().encode("ascii"),
-            b'","seq":',
-            str(int(seq)).encode("ascii"),
-            b',"ts":',
-            json_string(ts),
-            b',"v":',
-            str(int(v)).encode("ascii"),
-            b"}",
-        )
+    return _LEAF_FORMAT % (
+        body,
+        json_string(kind),
+        payloads,
+        binascii.hexlify(prev),
+        int(seq),
+        json_string(ts),
+        int(v),
     )
+
+
+_LEAF_HASH_INPUT = b"\x00" + _LEAF_FORMAT  # RFC 9162 leaf prefix + leaf data, formatted in one go
+
+
+def leaf_hash_of(kind: str, v: int, seq: int, ts: str, prev: bytes, body: bytes, payloads: bytes) -> bytes:
+    """RFC 9162 leaf hash ``SHA-256(0x00 || leaf_data(...))`` without building the leaf data twice."""
+    return hashlib.sha256(
+        _LEAF_HASH_INPUT
+        % (body, json_string(kind), payloads, binascii.hexlify(prev), int(seq), json_string(ts), int(v))
+    ).digest()

@@ -215,3 +215,33 @@ def test_small_floats_stay_on_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> 
     }
     assert canonical_json(body) == real(body)
     assert seen and set(seen) == {float}
+
+
+def test_precanonical_values_are_spliced_verbatim() -> None:
+    from ledger.canonical import CanonicalJSON
+
+    value = {"b": [1.0, 1e-5, "x"], "a": {"$float": "NaN"}}
+    raw = CanonicalJSON(rfc8785.dumps(value))
+    body = {"value": raw, "z": 1, "ids": [f"i{i}" for i in range(20)], "é": 1e-7}  # non-ASCII key: slow path
+    expect = rfc8785.dumps({"value": value, "z": 1, "ids": body["ids"], "é": 1e-7})
+    assert canonical_json(body) == expect
+    assert canonical_json({k: v for k, v in body.items() if k != "é"}) == rfc8785.dumps(
+        {"value": value, "z": 1, "ids": body["ids"]}
+    )
+    whole = CanonicalJSON(rfc8785.dumps({"a": 1, "b": "c"}))
+    assert canonical_body(whole) == bytes(whole)
+    with pytest.raises(CanonicalError, match="not a JSON object"):
+        canonical_body(CanonicalJSON(b"[1]"))
+
+
+def test_precanonical_bytes_checked_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ledger.canonical as canonical
+
+    monkeypatch.setattr(canonical, "CHECK_CANONICAL", True)
+    with pytest.raises(CanonicalError, match="not in RFC 8785 form"):
+        canonical_json({"value": canonical.CanonicalJSON(b'{"b":1,"a":2}')})
+    with pytest.raises(CanonicalError, match="not in RFC 8785 form"):
+        canonical_body(canonical.CanonicalJSON(b'{"a": 1}'))
+    with pytest.raises(CanonicalError, match="not JSON"):
+        canonical_json({"value": canonical.CanonicalJSON(b"{")})
+    assert canonical_json({"value": canonical.CanonicalJSON(b'{"a":2,"b":1}')}) == b'{"value":{"a":2,"b":1}}'
