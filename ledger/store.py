@@ -49,6 +49,7 @@ from .canonical import (
     descriptors_json,
     encode_payload,
     leaf_data,
+    leaf_hash_of,
 )
 from .errors import (
     CheckpointRefused,
@@ -160,7 +161,7 @@ class NewEntry:
     v: int = 1
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Prepared:
     kind: str
     v: int
@@ -181,16 +182,119 @@ def _coerce(item: Any) -> NewEntry:
     )
 
 
+_GOOD_KINDS: set[str] = set()  # kinds already matched against KIND_RE
+
+
 def _prepare(item: Any) -> _Prepared:
     e = _coerce(item)
-    if not isinstance(e.kind, str) or not KIND_RE.fullmatch(e.kind):
-        raise CanonicalError(f"kind {e.kind!r}: must match [a-z][a-z0-9_.-]{{0,63}}")
-    if type(e.v) is not int or not 0 <= e.v < 2**31:
-        raise CanonicalError(f"kind {e.kind!r}: schema version v={e.v!r} must be a non-negative int")
+    kind, v = e.kind, e.v
+    if kind not in _GOOD_KINDS:
+        if not isinstance(kind, str) or not KIND_RE.fullmatch(kind):
+            raise CanonicalError(f"kind {kind!r}: must match [a-z][a-z0-9_.-]{{0,63}}")
+        if len(_GOOD_KINDS) < 1024:
+            _GOOD_KINDS.add(kind)
+    if type(v) is not int or not 0 <= v < 2**31:
+        raise CanonicalError(f"kind {kind!r}: schema version v={v!r} must be a non-negative int")
     body = canonical_body(e.body)
-    pls = tuple(encode_payload(name, arr) for name, arr in sorted((e.payloads or {}).items()))
+    if not e.payloads:
+        return _Prepared(kind, v, body, (), b"{}")
+    items = e.payloads.items()
+    pls = tuple(encode_payload(name, arr) for name, arr in (sorted(items) if len(items) > 1 else items))
     desc = descriptors_json([(p.name, p.dtype, p.shape, p.sha256, len(p.data)) for p in pls])
-    return _Prepared(e.kind, e.v, body, pls, desc)
+    return _Prepared(kind, v, body, pls, desc)
+
+
+_SQLITE_INSERT_ENTRIES = (
+    "INSERT INTO entries (seq, kind, v, ts, prev, body, leaf_hash) VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+_SQLITE_INSERT_PAYLOADS = (
+    "INSERT INTO payloads (seq, name, dtype, shape, sha256, data) VALUES (?, ?, ?, ?, ?, ?)"
+)
+_SQLITE_INSERT_NODES = "INSERT INTO tree_nodes (node, hash) VALUES (?, ?)"
+
+
+class Appender:
+    """Appends chunks of entries inside ONE open write transaction (``Ledger.appending()``).
+
+    Holds the head (next seq, last leaf hash) and the Merkle frontier in memory between chunks, so a
+    chunk costs its inserts only. ``connection`` is the transaction's connection: a producer may read
+    through it (e.g. ingest's duplicate lookups in ``ingest_refs``) and sees every chunk appended so far.
+    Nothing is visible to other connections before the transaction commits; any exception rolls back all
+    chunks.
+    """
+
+    def __init__(self, conn: Connection, active: Sequence[_indexers.Indexer] = ()) -> None:
+        self.connection = conn
+        self.active = list(active)
+        self._sqlite = conn.dialect.name == "sqlite"
+        e = schema.entries
+        head = conn.execute(select(e.c.seq, e.c.leaf_hash).order_by(e.c.seq.desc()).limit(1)).first()
+        self._size = 0 if head is None else int(head[0]) + 1
+        self._prev = ZERO_HASH if head is None else bytes(head[1])
+        st = StoredTree(conn)
+        if head is not None:
+            st.cache[(0, self._size - 1)] = self._prev  # the last leaf is in the frontier when size is odd
+        self._frontier = st.frontier(self._size)
+
+    @property
+    def size(self) -> int:
+        """The seq the next appended entry gets (= entries in the ledger, this transaction's included)."""
+        return self._size
+
+    def append_many(self, entries: Iterable[Any]) -> list[int]:
+        """Append one chunk (items as for ``Ledger.append_many``; all share one ``ts``); returns the seqs."""
+        return self._append_prepared([_prepare(e) for e in entries])
+
+    def _append_prepared(self, prepared: Sequence[_Prepared]) -> list[int]:
+        if not prepared:
+            return []
+        conn = self.connection
+        size = self._size
+        prev = self._prev
+        ts = utc_now()
+        rows: list[tuple[Any, ...]] = []
+        prow: list[tuple[Any, ...]] = []
+        leaves: list[bytes] = []
+        seq = size
+        for p in prepared:
+            h = leaf_hash_of(p.kind, p.v, seq, ts, prev, p.body, p.descriptors)
+            rows.append((seq, p.kind, p.v, ts, prev, p.body, h))
+            for pl in p.payloads:
+                prow.append((seq, pl.name, pl.dtype, pl.shape, pl.sha256, pl.data))
+            leaves.append(h)
+            prev = h
+            seq += 1
+        nodes = extend(self._frontier, leaves, size)
+        if self._sqlite:
+            # Straight to the driver: SQLAlchemy's per-row parameter processing cost more than the inserts.
+            dbapi = _driver(conn)
+            dbapi.executemany(_SQLITE_INSERT_ENTRIES, rows)
+            if prow:
+                dbapi.executemany(_SQLITE_INSERT_PAYLOADS, prow)
+            if nodes:
+                dbapi.executemany(_SQLITE_INSERT_NODES, [(node_key(lvl, i), h) for lvl, i, h in nodes])
+        else:
+            ecols, pcols = _ENTRY_COLUMNS, _PAYLOAD_COLUMNS
+            conn.execute(schema.entries.insert(), [dict(zip(ecols, r, strict=True)) for r in rows])
+            if prow:
+                conn.execute(schema.payloads.insert(), [dict(zip(pcols, r, strict=True)) for r in prow])
+            if nodes:
+                conn.execute(schema.tree_nodes.insert(), node_rows(nodes))
+        self._size = seq
+        self._prev = prev
+        for ix in self.active:
+            mine = [
+                Entry(r[0], r[1], r[2], ts, r[4], r[6], r[5], p.payloads)
+                for r, p in zip(rows, prepared, strict=True)
+                if r[1] in ix.kinds
+            ]
+            if mine:
+                ix.apply(conn, mine)
+        return list(range(size, seq))
+
+
+_ENTRY_COLUMNS = ("seq", "kind", "v", "ts", "prev", "body", "leaf_hash")
+_PAYLOAD_COLUMNS = ("seq", "name", "dtype", "shape", "sha256", "data")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -495,65 +599,53 @@ class Ledger:
         """Append a batch atomically (one transaction); returns the seqs, contiguous and in order.
 
         Items: ``NewEntry``, a mapping with kind/body/payloads/v, or a tuple ``(kind, body[, payloads[, v]])``.
+        Bodies and payloads are encoded before the sequencer is taken, so concurrent writers hold it only
+        for hashing and inserting.
         """
         prepared = [_prepare(e) for e in entries]
         if not prepared:
             return []
+        with self.appending() as app:
+            return app._append_prepared(prepared)
+
+    def append_stream(self, entries: Iterable[Any], chunk: int = 1000) -> range:
+        """Append a stream of entries in ONE transaction, ``chunk`` at a time, without materialising it.
+
+        For exports and back-fills too large for ``append_many`` (which holds the whole encoded batch in
+        memory): memory is bounded by one chunk. All or nothing: an error anywhere (in the iterable too)
+        rolls back every chunk. Entries of one chunk share one ``ts``. The sequencer is held while the
+        iterable is consumed, so other writers wait for the whole stream. Returns the range of seqs.
+        """
+        if chunk < 1:
+            raise LedgerInputError(f"chunk must be >= 1, got {chunk}")
+        with self.appending() as app:
+            first = app.size
+            buf: list[_Prepared] = []
+            for e in entries:
+                buf.append(_prepare(e))
+                if len(buf) >= chunk:
+                    app._append_prepared(buf)
+                    buf = []
+            app._append_prepared(buf)
+            return range(first, app.size)
+
+    @contextmanager
+    def appending(self) -> Iterator[Appender]:
+        """One write transaction (the sequencer held) for several ``Appender.append_many`` chunks.
+
+        Commits when the block exits normally, rolls back every chunk on an exception. For producers that
+        must read inside the transaction between chunks (ingest); otherwise use ``append_stream``.
+        """
         with self._write() as conn:
             active = self._ensure_indexers_locked(conn)
-            return self._append_locked(conn, prepared, active)
+            yield Appender(conn, active)
 
     @staticmethod
     def _append_locked(
         conn: Connection, prepared: Sequence[_Prepared], active: Sequence[_indexers.Indexer] = ()
     ) -> list[int]:
-        e = schema.entries
-        head = conn.execute(select(e.c.seq, e.c.leaf_hash).order_by(e.c.seq.desc()).limit(1)).first()
-        size = 0 if head is None else head[0] + 1
-        prev = ZERO_HASH if head is None else head[1]
-        st = StoredTree(conn)
-        if head is not None:
-            st.cache[(0, size - 1)] = prev  # the last leaf is in the frontier whenever size is odd
-        frontier = st.frontier(size)
-        ts = utc_now()
-        sha = hashlib.sha256
-        rows: list[dict[str, Any]] = []
-        prow: list[dict[str, Any]] = []
-        leaves: list[bytes] = []
-        for i, p in enumerate(prepared):
-            seq = size + i
-            h = sha(_LEAF + leaf_data(p.kind, p.v, seq, ts, prev, p.body, p.descriptors)).digest()
-            rows.append(
-                {"seq": seq, "kind": p.kind, "v": p.v, "ts": ts, "prev": prev, "body": p.body, "leaf_hash": h}
-            )
-            for pl in p.payloads:
-                prow.append(
-                    {
-                        "seq": seq,
-                        "name": pl.name,
-                        "dtype": pl.dtype,
-                        "shape": pl.shape,
-                        "sha256": pl.sha256,
-                        "data": pl.data,
-                    }
-                )
-            leaves.append(h)
-            prev = h
-        nodes = extend(frontier, leaves, size)
-        conn.execute(e.insert(), rows)
-        if prow:
-            conn.execute(schema.payloads.insert(), prow)
-        if nodes:
-            conn.execute(schema.tree_nodes.insert(), node_rows(nodes))
-        for ix in active:
-            mine = [
-                Entry(r["seq"], r["kind"], r["v"], ts, r["prev"], r["leaf_hash"], r["body"], p.payloads)
-                for r, p in zip(rows, prepared, strict=True)
-                if r["kind"] in ix.kinds
-            ]
-            if mine:
-                ix.apply(conn, mine)
-        return [r["seq"] for r in rows]
+        """Append inside a transaction the caller holds (ledger creation writes entry 0 this way)."""
+        return Appender(conn, active)._append_prepared(prepared)
 
     # -- indexers --------------------------------------------------------------------------------------
 
@@ -781,6 +873,9 @@ class Ledger:
             res.reason = bad.reason
         except sa_exc.DBAPIError as exc:
             raise LedgerUnreadable(f"{self.location}: cannot read the database: {_db_reason(exc)}") from exc
+        except sqlite3.Error as exc:  # the SQLite verify path reads through the driver directly
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise LedgerUnreadable(f"{self.location}: cannot read the database: {reason}") from exc
         res.seconds = time.perf_counter() - t0
         return res
 
@@ -791,8 +886,14 @@ class Ledger:
         prev = ZERO_HASH
         expect = 0
         nbytes = npay = 0
+        fits: dict[tuple[str, str], int] = {}  # (dtype, shape) -> byte size it needs
+        chunks = (
+            _verify_chunks_sqlite(_driver(conn), n)
+            if self.dialect == "sqlite"
+            else _prefetch(_verify_chunks(conn, n))
+        )
         try:
-            for rows, prows in _prefetch(_verify_chunks(conn, n)):
+            for rows, prows in chunks:
                 if not rows:
                     continue
                 pi, np_ = 0, len(prows)
@@ -807,14 +908,20 @@ class Ledger:
                     descs = []
                     while pi < np_ and prows[pi][0] == seq:
                         _, name, dtype, shape, psha, data = prows[pi]
-                        d = sha(data).digest()
+                        try:
+                            d = sha(data).digest()
+                        except TypeError as exc:
+                            raise _Bad(seq, f"entry {seq}: payload {name!r} is not stored as bytes") from exc
                         if d != psha:
                             raise _Bad(
                                 seq, f"entry {seq}: payload {name!r} bytes do not match their stored sha256"
                             )
-                        _check_payload_shape(seq, name, dtype, shape, len(data))
-                        descs.append((name, dtype, shape, d, len(data)))
-                        nbytes += len(data)
+                        size = len(data)
+                        if fits.get((dtype, shape)) != size:
+                            _check_payload_shape(seq, name, dtype, shape, size)
+                            fits[(dtype, shape)] = size
+                        descs.append((name, dtype, shape, d, size))
+                        nbytes += size
                         npay += 1
                         pi += 1
                     try:
@@ -825,10 +932,9 @@ class Ledger:
                                 else f"does not match the leaf hash of entry {seq - 1}"
                             )
                             raise _Bad(seq, f"entry {seq}: prev hash {what}")
-                        ld = leaf_data(kind, v, seq, ts, prev_s, body, descriptors_json(descs))
+                        h = leaf_hash_of(kind, v, seq, ts, prev_s, body, descriptors_json(descs))
                     except (TypeError, ValueError, AttributeError) as exc:
                         raise _Bad(seq, f"entry {seq}: malformed stored column ({exc})") from exc
-                    h = sha(_LEAF + ld).digest()
                     if h != leaf_s:
                         raise _Bad(
                             seq,
@@ -876,12 +982,20 @@ class Ledger:
             count = len(want) // 32
             got = bytearray()
             idx = 0
-            q = (
-                select(t.c.node, t.c.hash)
-                .where(t.c.node >= node_key(level, 0), t.c.node < node_key(level + 1, 0))
-                .order_by(t.c.node)
-            )
-            for key, h in conn.execute(q):
+            lo_key, hi_key = node_key(level, 0), node_key(level + 1, 0)
+            if self.dialect == "sqlite":  # straight through the driver, as _verify_chunks_sqlite
+                level_rows: Sequence[Any] = (
+                    _driver(conn)
+                    .execute(
+                        "SELECT node, hash FROM tree_nodes WHERE node >= ? AND node < ? ORDER BY node",
+                        (lo_key, hi_key),
+                    )
+                    .fetchall()
+                )
+            else:
+                q = select(t.c.node, t.c.hash).where(t.c.node >= lo_key, t.c.node < hi_key).order_by(t.c.node)
+                level_rows = conn.execute(q).all()
+            for key, h in level_rows:
                 i = key - node_key(level, 0)
                 if i != idx:
                     first = (idx if i > idx else i) << level
@@ -1008,6 +1122,43 @@ def _verify_chunks(conn: Connection, n: int) -> Iterator[tuple[Sequence[Any], Se
             select(*pcols).where(p.c.seq >= lo, p.c.seq < hi).order_by(p.c.seq, p.c.name)
         ).all()
         yield rows, prows
+
+
+def _driver(conn: Connection) -> sqlite3.Connection:
+    """The raw ``sqlite3`` connection under a SQLAlchemy connection (its open transaction included)."""
+    raw = conn.connection.driver_connection
+    assert isinstance(raw, sqlite3.Connection)
+    return raw
+
+
+def _verify_chunks_sqlite(dbapi: sqlite3.Connection, n: int) -> Iterator[tuple[list[Any], list[Any]]]:
+    """``_verify_chunks`` for SQLite, straight through the driver connection (same transaction), in this thread.
+
+    Why not SQLAlchemy plus the prefetch thread: SQLite reads are in-process CPU work (memory-mapped pages),
+    so a reader thread only adds GIL hand-offs, and on a busy machine every hand-off waits for a time
+    slice; SQLAlchemy's per-row result processing cost as much CPU as the reads themselves. Measured on a
+    20 MB ledger: 2x less CPU per verify. Values come back exactly as stored (a tampered column of the
+    wrong type shows up as a malformed column rather than a conversion error).
+    """
+    ecur = dbapi.cursor()
+    pcur = dbapi.cursor()
+    try:
+        for lo in range(0, n, VERIFY_CHUNK):
+            hi = min(lo + VERIFY_CHUNK, n)
+            rows = ecur.execute(_SQLITE_VERIFY_ENTRIES, (lo, hi)).fetchall()
+            prows = pcur.execute(_SQLITE_VERIFY_PAYLOADS, (lo, hi)).fetchall()
+            yield rows, prows
+    finally:
+        ecur.close()
+        pcur.close()
+
+
+_SQLITE_VERIFY_ENTRIES = (
+    "SELECT seq, kind, v, ts, prev, body, leaf_hash FROM entries WHERE seq >= ? AND seq < ? ORDER BY seq"
+)
+_SQLITE_VERIFY_PAYLOADS = (
+    "SELECT seq, name, dtype, shape, sha256, data FROM payloads WHERE seq >= ? AND seq < ? ORDER BY seq, name"
+)
 
 
 def _prefetch(chunks: Iterator[Any], depth: int = 2) -> Iterator[Any]:

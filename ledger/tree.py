@@ -8,6 +8,7 @@ functions, fed by :class:`StoredTree` (level 0 reads ``entries.leaf_hash``; high
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable
 
 from sqlalchemy import Connection, select
@@ -16,6 +17,7 @@ from . import merkle, schema
 from .schema import node_key
 
 Node = tuple[int, int, bytes]  # (level, index, hash)
+_NODE = b"\x01"  # RFC 9162 interior-node prefix (as ledger.merkle.node_hash)
 
 
 def frontier_positions(size: int) -> list[tuple[int, int]]:
@@ -145,13 +147,14 @@ class LevelTree:
     """
 
     def __init__(self, leaf_hashes: bytearray) -> None:
-        sha = merkle.node_hash
+        sha = hashlib.sha256
         self.levels: list[bytearray] = [leaf_hashes]
         cur = leaf_hashes
         while len(cur) >= 64:
+            # left || right are adjacent in the level: one 64-byte slice per node (RFC 9162: 0x01 || l || r)
             nxt = bytearray()
             for off in range(0, len(cur) - 63, 64):
-                nxt += sha(bytes(cur[off : off + 32]), bytes(cur[off + 32 : off + 64]))
+                nxt += sha(_NODE + cur[off : off + 64]).digest()
             self.levels.append(nxt)
             cur = nxt
 

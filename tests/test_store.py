@@ -254,3 +254,43 @@ def test_benchmark_quick_runs() -> None:
     out = mod.main(["--quick", "--json"])
     assert out["append_norms_per_s"] > 0 and out["verify_to_sha256_ratio"] > 0
     assert out["inclusion_proof_gen_ms"] > 0 and out["proof_ledger_entries"] >= 5000
+
+
+def test_append_stream_one_transaction_bounded_chunks(tmp_path: Path) -> None:
+    # append_stream: contiguous seqs, chunks of `chunk` entries share a ts, and an error in the iterable
+    # rolls back every chunk already written
+    led = Ledger.open(tmp_path / "s.db", create=True)
+
+    def items(n: int, fail_at: int | None = None):
+        for i in range(n):
+            if i == fail_at:
+                raise RuntimeError("producer failed")
+            yield ("tick", {"i": i}, {"x": np.arange(i, i + 3, dtype=np.int32)})
+
+    seqs = led.append_stream(items(7), chunk=3)
+    assert seqs == range(1, 8) and led.size == 8
+    ts = [e.ts for e in led.entries(start=1)]
+    assert ts[0] == ts[1] == ts[2] and ts[3] == ts[4] == ts[5]
+    assert [e.body["i"] for e in led.entries(start=1)] == list(range(7))
+    assert led.entry(7).payloads["x"].tolist() == [6, 7, 8]
+    with pytest.raises(RuntimeError, match="producer failed"):
+        led.append_stream(items(10, fail_at=8), chunk=3)
+    assert led.size == 8
+    assert led.append_stream(iter(())) == range(8, 8)
+    assert led.verify().ok
+
+
+def test_appending_reads_its_own_chunks(tmp_path: Path) -> None:
+    led = Ledger.open(tmp_path / "a.db", create=True)
+    with led.appending() as app:
+        assert app.size == 1
+        assert app.append_many([("a", {"n": 1}), ("b", {"n": 2})]) == [1, 2]
+        assert app.size == 3
+        n = app.connection.exec_driver_sql("SELECT count(*) FROM entries").scalar()
+        assert n == 3  # the transaction sees its own chunks
+        assert app.append_many([("c", {"n": 3})]) == [3]
+    assert led.size == 4 and led.verify().ok
+    with pytest.raises(ValueError), led.appending() as app:
+        app.append_many([("d", {"n": 4})])
+        raise ValueError("abort")
+    assert led.size == 4
