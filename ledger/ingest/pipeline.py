@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from sqlalchemy import Connection
 
+from ledger.canonical import canonical_body
 from ledger.errors import CanonicalError
 from ledger.ingest import generic_format as generic
 from ledger.ingest import index as _index
@@ -35,7 +34,7 @@ from ledger.ingest.errors import FieldError, IngestError
 from ledger.ingest.pseudonym import Pseudonymizer, open_key
 from ledger.ingest.reader import DEFAULT_MAX_ITEM_BYTES, ExportReader
 from ledger.ingest.record import ANNOTATION_V, EXPORT_V, SUGGESTION_V, LabelRecord, Seed, SuggestionRecord
-from ledger.store import Ledger, NewEntry, _prepare
+from ledger.store import Appender, Ledger, NewEntry
 
 SOURCES = ("labelbox", "labelstudio", "jsonl")
 DEFAULT_CHUNK = 2000
@@ -79,20 +78,6 @@ def _file_sha256(path: str) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
-@contextmanager
-def _transaction(ledger: Ledger) -> Iterator[tuple[Connection, list[Any]]]:
-    """One write transaction that may append several chunks.
-
-    ``Ledger.append_many`` materialises its whole batch before taking the lock, which for a million-label
-    export means gigabytes. ``Ledger._write`` / ``_append_locked`` are the same primitives ``append_many``
-    uses (sequencer lock, frontier read, chained inserts, indexers); calling ``_append_locked`` once per
-    chunk inside one ``_write`` keeps a single atomic transaction with memory bounded by the chunk.
-    """
-    with ledger._write() as conn:
-        active = ledger._ensure_indexers_locked(conn)
-        yield conn, active
-
-
 def _ledger_file(ledger: Ledger) -> str | None:
     loc = str(ledger.location)
     return None if "://" in loc else loc
@@ -118,7 +103,7 @@ class _Run:
         self.first_seq: int | None = None
         self.last_seq: int | None = None
         self.conn: Connection | None = None
-        self.active: list[Any] = []
+        self.app: Appender | None = None
         self.next_seq = 0
         self.labelbox_suggestions = False
 
@@ -237,24 +222,20 @@ class _Run:
 
     def _body(self, r: LabelRecord | SuggestionRecord) -> dict[str, Any]:
         try:
-            return r.body(self.export_ref)
+            return r.body(self.export_ref, spliced=True)
         except FieldError as exc:
             raise IngestError(self.path, r.line, exc.field, exc.reason) from None
 
     def _append(self, entries: list[NewEntry], lines: list[int | None]) -> None:
         if not entries:
             return
-        prepared = []
-        for e, line in zip(entries, lines, strict=True):
-            try:
-                prepared.append(_prepare(e))
-            except CanonicalError as exc:
-                raise IngestError(self.path, line, None, f"cannot encode the record: {exc}") from None
-        assert self.conn is not None
+        assert self.app is not None
         for i, e in enumerate(entries):
             _index.hint(self.next_seq + i, e.kind, dict(e.body))
         try:
-            seqs = Ledger._append_locked(self.conn, prepared, self.active)
+            seqs = self.app.append_many(entries)
+        except CanonicalError as exc:
+            raise self._encoding_error(entries, lines, exc) from None
         finally:
             _index.clear_hints()
         if seqs[0] != self.next_seq:  # pragma: no cover - the lock makes this impossible
@@ -262,6 +243,17 @@ class _Run:
         self.first_seq = seqs[0] if self.first_seq is None else self.first_seq
         self.last_seq = seqs[-1]
         self.next_seq = seqs[-1] + 1
+
+    def _encoding_error(
+        self, entries: list[NewEntry], lines: list[int | None], exc: CanonicalError
+    ) -> IngestError:
+        """Name the line of the record that cannot be encoded (rare: re-encode the chunk one by one)."""
+        for e, line in zip(entries, lines, strict=True):
+            try:
+                canonical_body(e.body)
+            except CanonicalError as one:
+                return IngestError(self.path, line, None, f"cannot encode the record: {one}")
+        return IngestError(self.path, None, None, f"cannot encode the record: {exc}")
 
 
 def ingest(
@@ -322,7 +314,11 @@ def _ingest(
     if is_csv:
         run.fmt = generic.FORMAT_CSV
         run.item_set = set()
-    with _transaction(ledger) as (conn, active):
+    # ONE write transaction for the whole export, appended in chunks as it streams (memory bounded by a
+    # chunk); each chunk's duplicate and seed lookups read through the same connection, so they see the
+    # chunks before it. Any error rolls back everything.
+    with ledger.appending() as app:
+        conn = app.connection
         seen = _index.lookup(conn, "export", [sha])
         if seen:
             (src, _), (seq, _) = next(iter(seen.items()))
@@ -334,8 +330,8 @@ def _ingest(
                 duplicates=int(counts.get("records", 0)) + int(counts.get("suggestions", 0)) + int(counts.get("duplicates", 0)),
                 already_ingested=True, export_seq=seq, first_seq=None, last_seq=None, pseudonym_key_id=pseud.key_id,
             )  # fmt: skip
-        run.conn, run.active = conn, active
-        run.next_seq = Ledger._size(conn)
+        run.conn, run.app = conn, app
+        run.next_seq = app.size
         run.labelbox_suggestions = source == "labelbox" and (
             _index.has_any(conn, "suggestion", "labelbox") or _index.has_any(conn, "suggestion", "gradledger")
         )

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from ledger.canonical import CanonicalJSON
 from ledger.errors import CanonicalError
 from ledger.ingest.errors import FieldError
-from ledger.ingest.valuehash import value_sha256 as _value_sha256
+from ledger.ingest.valuehash import canonical_value
 
 _digest_dumps = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
 
@@ -137,12 +138,17 @@ def timestamp(value: object, fld: str) -> str | None:
 _TS_CACHE: dict[str, str] = {}
 
 
-def value_sha256(value: Any) -> str:
-    """sha256 hex of the RFC 8785 bytes of a label value (``ledger.canonical``): recomputable from the value."""
+def canonical_value_bytes(value: Any) -> bytes:
+    """RFC 8785 bytes of a label value (``ledger.canonical``); FieldError("value") if it has none."""
     try:
-        return _value_sha256(value)
+        return canonical_value(value)
     except CanonicalError as exc:
         raise FieldError("value", str(exc)) from None
+
+
+def value_sha256(value: Any) -> str:
+    """sha256 hex of the RFC 8785 bytes of a label value (``ledger.canonical``): recomputable from the value."""
+    return hashlib.sha256(canonical_value_bytes(value)).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -251,8 +257,13 @@ class LabelRecord:
     # Annotation feature ids that may be MAL suggestion uuids; resolved against the ledger at ingest.
     seed_candidates: list[str] = field(default_factory=list)
 
-    def body(self, export_ref: dict[str, Any]) -> dict[str, Any]:
-        """The ``annotation`` entry body. ``record_sha256`` covers everything except where it was read from."""
+    def body(self, export_ref: dict[str, Any], *, spliced: bool = False) -> dict[str, Any]:
+        """The ``annotation`` entry body. ``record_sha256`` covers everything except where it was read from.
+
+        ``spliced``: the value is given as its canonical bytes (``CanonicalJSON``, the same bytes
+        ``value_sha256`` hashes), so the ledger does not encode it a second time.
+        """
+        cv = canonical_value_bytes(self.value)
         content: dict[str, Any] = {
             "source": self.source,
             "format": self.format,
@@ -266,7 +277,7 @@ class LabelRecord:
             "status": self.status,
             "gold": self.gold,
             "value": self.value,
-            "value_sha256": value_sha256(self.value),
+            "value_sha256": hashlib.sha256(cv).hexdigest(),
             "scores": [s.body() for s in self.scores],
             "reviews": [r.body() for r in self.reviews],
             "workflow": self.workflow.body() if self.workflow else None,
@@ -275,6 +286,8 @@ class LabelRecord:
             "rights": self.rights,
         }
         content["record_sha256"] = record_digest(content)
+        if spliced:
+            content["value"] = CanonicalJSON(cv)
         content["export"] = export_ref
         content["line"] = self.line
         return content
@@ -297,7 +310,9 @@ class SuggestionRecord:
     created_at: str | None = None
     line: int | None = None
 
-    def body(self, export_ref: dict[str, Any] | None) -> dict[str, Any]:
+    def body(self, export_ref: dict[str, Any] | None, *, spliced: bool = False) -> dict[str, Any]:
+        """The ``suggestion`` entry body (``spliced`` as for ``LabelRecord.body``)."""
+        cv = canonical_value_bytes(self.value)
         content: dict[str, Any] = {
             "source": self.source,
             "format": self.format,
@@ -309,9 +324,11 @@ class SuggestionRecord:
             "checkpoint_seq": self.checkpoint_seq,
             "created_at": self.created_at,
             "value": self.value,
-            "value_sha256": value_sha256(self.value),
+            "value_sha256": hashlib.sha256(cv).hexdigest(),
         }
         content["record_sha256"] = record_digest(content)
+        if spliced:
+            content["value"] = CanonicalJSON(cv)
         content["export"] = export_ref
         content["line"] = self.line
         return content
