@@ -257,7 +257,7 @@ def test_foreign_entries_of_ingest_kinds_do_not_break_appends(led: Ledger) -> No
     """With the ingest indexer loaded, a hand-written entry of an ingest kind is appended and skipped by the
     index (it is not an ingest record), and a deep verify rebuilds the index identically."""
     seq = led.append("annotation", {"note": "written by another tool"})
-    ingest.labelstudio(samples() / "labelstudio_export_basic.json", led, pseudonym_key=KEY)
+    ingest.labelstudio(samples() / "labelstudio_export_basic.json", led, pseudonym_key=pseud())
     assert led.entry(seq).body == {"note": "written by another tool"}
     with led.engine.connect() as conn:  # the index holds only real ingest records
         assert lookup(conn, "annotation", ["note"]) == {}

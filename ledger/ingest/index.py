@@ -49,39 +49,28 @@ class IngestIndex:
             if h is not None and h[0] == e.kind:
                 rows.append({"seq": e.seq, "kind": h[0], "source": h[1], "ref": h[2], "digest": h[3]})
                 continue
-            b = e.body
-            if e.kind == "export":
-                rows.append(
-                    {
-                        "seq": e.seq,
-                        "kind": "export",
-                        "source": b["source"],
-                        "ref": b["sha256"],
-                        "digest": None,
-                    }
-                )
-            elif e.kind == "annotation":
-                rows.append(
-                    {
-                        "seq": e.seq,
-                        "kind": "annotation",
-                        "source": b["source"],
-                        "ref": b["label_id"],
-                        "digest": b.get("record_sha256"),
-                    }
-                )
-            elif e.kind == "suggestion" and "suggestion_id" in b:
-                rows.append(
-                    {
-                        "seq": e.seq,
-                        "kind": "suggestion",
-                        "source": b["source"],
-                        "ref": b["suggestion_id"],
-                        "digest": b.get("record_sha256"),
-                    }
-                )
+            ref = _ref_of(e.kind, e.body)
+            if ref is not None:
+                rows.append({"seq": e.seq, "kind": e.kind, **ref})
         if rows:
             conn.execute(refs.insert(), rows)
+
+
+# The body field that names each kind's reference. Entries of these kinds written by other tools (a
+# hand-appended "annotation" without an ingest record's fields) are not ingest records: they are skipped,
+# never a reason to fail someone else's append. A rebuild skips exactly the same entries.
+_REF_FIELD = {"export": "sha256", "annotation": "label_id", "suggestion": "suggestion_id"}
+
+
+def _ref_of(kind: str, body: Any) -> dict[str, str | None] | None:
+    field = _REF_FIELD.get(kind)
+    if field is None or not isinstance(body, dict):
+        return None
+    source, ref = body.get("source"), body.get(field)
+    if not isinstance(source, str) or not isinstance(ref, str):
+        return None
+    digest = body.get("record_sha256") if kind != "export" else None
+    return {"source": source, "ref": ref, "digest": digest if isinstance(digest, str) else None}
 
 
 INDEX = indexers.register(IngestIndex())
