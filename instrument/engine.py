@@ -45,6 +45,7 @@ from .kernels import KERNELS, VALIDATORS, Call, Kernel, LayerGrads, Request, fal
 __all__ = ["EngineError", "EngineResult", "GradNormEngine", "UnsupportedLayerError"]
 
 CLIP_EPS = 1e-6  # Opacus adds this to the per-sample norm before dividing
+_FIRST = [0]  # Call.tapped for a single-tensor output (shared, never mutated)
 
 
 class UnsupportedLayerError(ValueError):
@@ -72,12 +73,12 @@ class _Layer:
     params: dict[str, nn.Parameter]  # trainable parameters this layer covers, by (relative) name
     subtree: bool  # fallback layers swap the parameters of their whole subtree
     slots: list[tuple[nn.Module, str]] = field(default_factory=list)  # (owner module, attribute) per param
+    plist: list[nn.Parameter] = field(default_factory=list)  # params.values(), precomputed for the hot path
+    pnames: list[str] = field(default_factory=list)  # params.keys()
     in_pass: bool = False
     calls: list[Call] = field(default_factory=list)
     pending: int = 0
-    entered: list[tuple[tuple[Any, ...], dict[str, Any], list[tuple[nn.Module, str, nn.Parameter]]]] = field(
-        default_factory=list
-    )
+    entered: list[tuple[tuple[Any, ...], dict[str, Any]]] = field(default_factory=list)
     deferred: LayerGrads | None = None
     expected: dict[str, Tensor] = field(default_factory=dict)
 
@@ -194,6 +195,7 @@ class GradNormEngine:
             lay.slots = (
                 [_owner_and_attr(module, n) for n in params] if subtree else [(module, n) for n in params]
             )
+            lay.plist, lay.pnames = list(params.values()), list(params)
             self._layers.append(lay)
             self._by_module[id(module)] = lay
         if not self._layers:
@@ -324,8 +326,14 @@ class GradNormEngine:
         if not self._armed or self._inside_kernel or not torch.is_grad_enabled():
             return
         lay = self._by_module[id(module)]
-        b = self._batch_of(lay, args, kwargs)
-        if self._pass_b is None:
+        x = args[0] if args else None
+        if not lay.subtree and isinstance(x, Tensor) and x.dim() > 0:
+            b = x.shape[0]  # the common case: a batch-first tensor as first argument
+        else:
+            b = self._batch_of(lay, args, kwargs)
+        if b == self._pass_b:
+            pass
+        elif self._pass_b is None:
             if self._row + b > self._B:
                 raise EngineError(
                     f"begin({self._B}) but layer {lay.name!r} received a batch of {b} rows "
@@ -339,13 +347,9 @@ class GradNormEngine:
                 "positional embedding indexed by arange(T) and broadcast over the batch) has no per-sample "
                 "gradient at its output; index it with a [batch, T] tensor (positions.expand(batch, T))"
             )
-        swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
-        for owner, attr in lay.slots:
-            p = owner._parameters[attr]
-            assert p is not None
-            swapped.append((owner, attr, p))
+        for (owner, attr), p in zip(lay.slots, lay.plist, strict=True):
             owner._parameters[attr] = p.detach()  # type: ignore[assignment]
-        lay.entered.append((args, kwargs, swapped))
+        lay.entered.append((args, kwargs))
 
     def _post_hook(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
@@ -353,14 +357,14 @@ class GradNormEngine:
         lay = self._by_module.get(id(module))
         if lay is None or not lay.entered:
             return None
-        args, kwargs, swapped = lay.entered.pop()
-        for owner, attr, p in swapped:
+        args, kwargs = lay.entered.pop()
+        for (owner, attr), p in zip(lay.slots, lay.plist, strict=True):
             owner._parameters[attr] = p
         if isinstance(output, Tensor):  # the common case, without pytree
             if not output.is_floating_point():
                 return None
-            call = Call(args, kwargs, None, 1, [0], [(output.shape, output.dtype, output.device)])
-            (out,) = _Tap.apply(self, lay, call, len(lay.params), *lay.params.values(), output)
+            call = Call(args, kwargs, None, 1, _FIRST, [(output.shape, output.dtype, output.device)])
+            (out,) = _tap(self, lay, call, len(lay.plist), *lay.plist, output)
             self._register_call(lay, call)
             return out
         if output is None:
@@ -371,8 +375,7 @@ class GradNormEngine:
             return None
         meta = [(leaves[i].shape, leaves[i].dtype, leaves[i].device) for i in tapped]
         call = Call(args, kwargs, spec, len(leaves), tapped, meta)
-        params = list(lay.params.values())
-        outs = _Tap.apply(self, lay, call, len(params), *params, *(leaves[i] for i in tapped))
+        outs = _tap(self, lay, call, len(lay.plist), *lay.plist, *(leaves[i] for i in tapped))
         for i, t in zip(tapped, outs, strict=True):
             leaves[i] = t
         self._register_call(lay, call)
@@ -417,7 +420,7 @@ class GradNormEngine:
 
     def _finish(self, lay: _Layer) -> dict[str, Tensor] | None:
         """Run the layer's kernel on its finished calls; gradients now (routing) or None (clipping)."""
-        calls = [c for c in lay.calls if c.done]
+        calls = lay.calls if len(lay.calls) == 1 and lay.calls[0].done else [c for c in lay.calls if c.done]
         lay.calls, lay.pending = [], 0
         if not calls:
             return None
@@ -425,22 +428,26 @@ class GradNormEngine:
         scale = self._scale(lay)
         clipping = self._max_norm is not None
         self._inside_kernel = True
+        grad_mode = torch.is_grad_enabled()  # off inside backward unless create_graph=True
         try:
-            with torch.no_grad():
-                try:
-                    res = lay.kernel(lay.module, calls, Request(scale=scale, deferred=clipping))
-                except Exception as exc:
-                    self._error = EngineError(f"layer {lay.name!r} ({type(lay.module).__name__}): {exc}")
-                    raise self._error from exc
-                for c in calls:  # the kernel's answer holds what it still needs; free the rest now
-                    c.release()
-                self._pass_sq[lay.index] = res.norm_sq
-                if clipping:
-                    lay.deferred = res
-                    return None
-                return res.grads(scale)
+            if grad_mode:
+                torch.set_grad_enabled(False)
+            try:
+                res = lay.kernel(lay.module, calls, Request(scale=scale, deferred=clipping))
+            except Exception as exc:
+                self._error = EngineError(f"layer {lay.name!r} ({type(lay.module).__name__}): {exc}")
+                raise self._error from exc
+            for c in calls:  # the kernel's answer holds what it still needs; free the rest now
+                c.release()
+            self._pass_sq[lay.index] = res.norm_sq
+            if clipping:
+                lay.deferred = res
+                return None
+            return res.grads(scale)
         finally:
             self._inside_kernel = False
+            if grad_mode:
+                torch.set_grad_enabled(True)
 
     def _backward(self, lay: _Layer, call: Call, grads: tuple[Tensor | None, ...]) -> list[Tensor | None]:
         if call.done:
@@ -454,14 +461,15 @@ class GradNormEngine:
         call.done = True
         self._queue_callback()
         lay.pending -= 1
-        out: list[Tensor | None] = [None] * len(lay.params)
+        out: list[Tensor | None] = [None] * len(lay.plist)
         if lay.pending == 0:
             got = self._finish(lay)
             if got is not None:
-                for k, pname in enumerate(lay.params):
+                expected = lay.expected
+                for k, pname in enumerate(lay.pnames):
                     g = got.get(pname)
                     if g is not None:
-                        lay.expected[pname] = g
+                        expected[pname] = g
                         out[k] = g
         return out
 
@@ -513,15 +521,20 @@ class GradNormEngine:
         if not self._pass_sq:
             return
         assert self._norms is not None and self._pass_b is not None
-        cols = list(self._pass_sq)
-        sq = torch.stack([self._pass_sq[c] for c in cols], 1).to(self._norms.dtype)
+        pass_sq = self._pass_sq
+        self._pass_sq = {}
         factor = float(self._pass_b) if self.loss_reduction == "mean" else 1.0
         rows = self._rows()
-        if cols == list(range(len(self._layers))):
-            self._norms[rows] = sq.clamp_(min=0).sqrt_().mul_(factor)
-        else:
-            self._norms[rows.start : rows.stop, cols] = sq.clamp_(min=0).sqrt_().mul_(factor)
-        self._pass_sq = {}
+        norms = self._norms
+        if len(pass_sq) == norms.shape[1] and all(v.dtype == norms.dtype for v in pass_sq.values()):
+            # every layer: stack straight into the output rows (contiguous), then finish in place
+            out = norms[rows]
+            torch.stack([pass_sq[c] for c in range(len(pass_sq))], 1, out=out)
+            out.clamp_(min=0).sqrt_().mul_(factor)
+            return
+        cols = list(pass_sq)
+        sq = torch.stack([pass_sq[c] for c in cols], 1).to(norms.dtype)
+        norms[rows.start : rows.stop, cols] = sq.clamp_(min=0).sqrt_().mul_(factor)
 
     def _close_pass(self) -> None:
         assert self._pass_b is not None
@@ -552,3 +565,14 @@ class _Tap(torch.autograd.Function):
     def backward(ctx: Any, *grads: Tensor | None) -> Any:
         param_grads = ctx.engine._backward(ctx.lay, ctx.call, grads)
         return (None, None, None, None, *param_grads, *grads)
+
+
+_tap_raw = super(torch.autograd.Function, _Tap).apply  # the C++ apply, bound to _Tap
+
+
+def _tap(*args: Any) -> Any:
+    """``_Tap.apply`` minus its Python prologue (signature binding, functorch dead-wrapper unwrapping: ~5 µs
+    per layer call), which only matters under functorch transforms; those take the full path."""
+    if torch._C._are_functorch_transforms_active():
+        return _Tap.apply(*args)
+    return _tap_raw(*args)

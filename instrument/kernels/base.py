@@ -125,8 +125,19 @@ def register_kernel(*types: type[nn.Module], validate: Validator | None = None) 
 
 
 def trainable(module: nn.Module) -> dict[str, nn.Parameter]:
-    """The module's *own* (non-recursive) trainable parameters, by attribute name."""
-    return {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+    """The module's *own* (non-recursive) trainable parameters, by attribute name.
+
+    Same answer as ``named_parameters(recurse=False)`` filtered on ``requires_grad`` (first name of a
+    parameter registered twice), read straight from ``_parameters``: kernels call this on every backward.
+    """
+    out: dict[str, nn.Parameter] = {}
+    seen: set[int] = set()
+    for n, p in module._parameters.items():
+        if p is not None and id(p) not in seen:
+            seen.add(id(p))
+            if p.requires_grad:
+                out[n] = p
+    return out
 
 
 def sq_norms(t: Tensor) -> Tensor:
