@@ -227,8 +227,15 @@ class Appender:
         self.connection = conn
         self.active = list(active)
         self._sqlite = conn.dialect.name == "sqlite"
-        e = schema.entries
-        head = conn.execute(select(e.c.seq, e.c.leaf_hash).order_by(e.c.seq.desc()).limit(1)).first()
+        if self._sqlite:
+            head = (
+                _driver(conn)
+                .execute("SELECT seq, leaf_hash FROM entries ORDER BY seq DESC LIMIT 1")
+                .fetchone()
+            )
+        else:
+            e = schema.entries
+            head = conn.execute(select(e.c.seq, e.c.leaf_hash).order_by(e.c.seq.desc()).limit(1)).first()
         self._size = 0 if head is None else int(head[0]) + 1
         self._prev = ZERO_HASH if head is None else bytes(head[1])
         st = StoredTree(conn)
@@ -657,7 +664,11 @@ class Ledger:
     def _ensure_indexers_locked(self, conn: Connection) -> list[_indexers.Indexer]:
         """Import the indexers this ledger uses, materialise newly registered ones; return the active set."""
         m = schema.meta
-        rows = conn.execute(select(m.c.key, m.c.value).where(m.c.key.like("indexer:%"))).all()
+        rows: Sequence[Any]
+        if conn.dialect.name == "sqlite":  # once per append transaction: skip statement building
+            rows = _driver(conn).execute("SELECT key, value FROM meta WHERE key LIKE 'indexer:%'").fetchall()
+        else:
+            rows = conn.execute(select(m.c.key, m.c.value).where(m.c.key.like("indexer:%"))).all()
         materialized = {k[len("indexer:") :]: v for k, v in rows}
         for name, module in materialized.items():
             if _indexers.get(name) is None:
