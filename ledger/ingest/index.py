@@ -52,7 +52,13 @@ class IngestIndex:
             ref = _ref_of(e.kind, e.body)
             if ref is not None:
                 rows.append({"seq": e.seq, "kind": e.kind, **ref})
-        if rows:
+        if rows and conn.dialect.name == "sqlite":  # driver executemany: no per-row SQLAlchemy processing
+            raw: Any = conn.connection.driver_connection
+            raw.executemany(
+                "INSERT INTO ingest_refs (seq, kind, source, ref, digest) VALUES (?, ?, ?, ?, ?)",
+                [(r["seq"], r["kind"], r["source"], r["ref"], r["digest"]) for r in rows],
+            )
+        elif rows:
             conn.execute(refs.insert(), rows)
 
 

@@ -18,7 +18,7 @@ from urllib.parse import parse_qs, urlparse
 
 from ledger.ingest.context import ParseContext
 from ledger.ingest.errors import FieldError
-from ledger.ingest.fields import boolean, clean_text, clean_value, get, ident, number, obj
+from ledger.ingest.fields import boolean, clean_text, clean_value, clean_value_json, get, ident, number, obj
 from ledger.ingest.record import (
     LabelRecord,
     Review,
@@ -144,12 +144,13 @@ def _v2_label(
     effort = number(
         perf.get("seconds_to_create", perf.get("seconds_to_label")), f"{ppath}.seconds_to_create", 0.0
     )
+    value, value_json = clean_value_json(annotations if annotations is not None else {}, ctx.pseud)
     rec = LabelRecord(
         source=SOURCE,
         format="labelbox.export_v2",
         label_id=label_id,
         item_id="",
-        value=clean_value(annotations if annotations is not None else {}, ctx.pseud),
+        value=value,
         producer_kind="human",
         producer=ctx.annotator(creator),
         project=project,
@@ -161,6 +162,7 @@ def _v2_label(
         scores=scores,
         reviews=reviews,
         workflow=workflow,
+        value_json=value_json,
     )
     rec.seed_candidates = feature_ids(annotations)
     return rec

@@ -256,6 +256,8 @@ class LabelRecord:
     line: int | None = None
     # Annotation feature ids that may be MAL suggestion uuids; resolved against the ledger at ingest.
     seed_candidates: list[str] = field(default_factory=list)
+    # RFC 8785 bytes of ``value`` when the parser already has them (``fields.clean_value_json``).
+    value_json: bytes | None = field(default=None, repr=False, compare=False)
 
     def body(self, export_ref: dict[str, Any], *, spliced: bool = False) -> dict[str, Any]:
         """The ``annotation`` entry body. ``record_sha256`` covers everything except where it was read from.
@@ -263,7 +265,7 @@ class LabelRecord:
         ``spliced``: the value is given as its canonical bytes (``CanonicalJSON``, the same bytes
         ``value_sha256`` hashes), so the ledger does not encode it a second time.
         """
-        cv = canonical_value_bytes(self.value)
+        cv = self.value_json if self.value_json is not None else canonical_value_bytes(self.value)
         content: dict[str, Any] = {
             "source": self.source,
             "format": self.format,
