@@ -445,6 +445,20 @@ def payload_array(dtype: str, shape: str, data: bytes) -> np.ndarray:
 _CHECKED_DESCRIPTORS: dict[tuple[str, str, str], tuple[bytes, bytes]] = {}
 
 
+def descriptor_frame(name: str, dtype: str, shape: str) -> tuple[bytes, bytes]:
+    """The descriptor bytes around the sha256 hex: ``head + hex + tail + b"%d}" % size`` (validated, cached)."""
+    frame = _CHECKED_DESCRIPTORS.get((name, dtype, shape))
+    if frame is None:
+        descriptors_json([(name, dtype, shape, ZERO_HASH, 0)])  # validates and caches the frame
+        frame = _CHECKED_DESCRIPTORS.get((name, dtype, shape))
+        if frame is None:  # cache full
+            frame = (
+                f'"{name}":{{"dtype":"{dtype}","sha256":"'.encode("ascii"),
+                f'","shape":{shape},"size":'.encode("ascii"),
+            )
+    return frame
+
+
 def descriptors_json(items: list[tuple[str, str, str, bytes, int]]) -> bytes:
     """Canonical bytes of ``{name: descriptor}`` from ``(name, dtype, shape_json, sha256, size)`` tuples.
 
@@ -499,12 +513,13 @@ def leaf_data(kind: str, v: int, seq: int, ts: str, prev: bytes, body: bytes, pa
     )
 
 
-_LEAF_HASH_INPUT = b"\x00" + _LEAF_FORMAT  # RFC 9162 leaf prefix + leaf data, formatted in one go
+# RFC 9162 leaf prefix + leaf data, formatted in one go: % (body, json kind, descriptors, hex prev, seq, json ts, v)
+LEAF_HASH_INPUT = b"\x00" + _LEAF_FORMAT
 
 
 def leaf_hash_of(kind: str, v: int, seq: int, ts: str, prev: bytes, body: bytes, payloads: bytes) -> bytes:
     """RFC 9162 leaf hash ``SHA-256(0x00 || leaf_data(...))`` without building the leaf data twice."""
     return hashlib.sha256(
-        _LEAF_HASH_INPUT
+        LEAF_HASH_INPUT
         % (body, json_string(kind), payloads, binascii.hexlify(prev), int(seq), json_string(ts), int(v))
     ).digest()

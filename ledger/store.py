@@ -15,6 +15,7 @@ Reads stream in chunks with keyset pagination; each chunk is its own short read 
 
 from __future__ import annotations
 
+import binascii
 import hashlib
 import importlib
 import math
@@ -41,13 +42,16 @@ from . import indexers as _indexers
 from . import merkle, schema
 from .canonical import (
     KIND_RE,
+    LEAF_HASH_INPUT,
     ZERO_HASH,
     CanonicalError,
     EncodedPayload,
     canonical_body,
     decode_body,
+    descriptor_frame,
     descriptors_json,
     encode_payload,
+    json_string,
     leaf_data,
     leaf_hash_of,
 )
@@ -898,6 +902,9 @@ class Ledger:
         expect = 0
         nbytes = npay = 0
         fits: dict[tuple[str, str], int] = {}  # (dtype, shape) -> byte size it needs
+        frames: dict[tuple[str, str, str], tuple[bytes, bytes]] = {}  # validated descriptor frames
+        strings: dict[str, bytes] = {}  # kind / ts -> RFC 8785 string bytes
+        hexlify = binascii.hexlify
         chunks = (
             _verify_chunks_sqlite(_driver(conn), n)
             if self.dialect == "sqlite"
@@ -943,7 +950,24 @@ class Ledger:
                                 else f"does not match the leaf hash of entry {seq - 1}"
                             )
                             raise _Bad(seq, f"entry {seq}: prev hash {what}")
-                        h = leaf_hash_of(kind, v, seq, ts, prev_s, body, descriptors_json(descs))
+                        # leaf_hash_of inlined, with per-verify caches: this loop runs once per entry
+                        if len(descs) == 1:
+                            name, dtype, shape, d, size = descs[0]
+                            frame = frames.get((name, dtype, shape))
+                            if frame is None:
+                                frame = frames[(name, dtype, shape)] = descriptor_frame(name, dtype, shape)
+                            desc = b"{%s%s%s%d}}" % (frame[0], hexlify(d), frame[1], size)
+                        else:
+                            desc = descriptors_json(descs)
+                        kj = strings.get(kind)
+                        if kj is None:
+                            kj = strings[kind] = json_string(kind)
+                        tj = strings.get(ts)
+                        if tj is None:
+                            if len(strings) > 4096:
+                                strings.clear()
+                            tj = strings[ts] = json_string(ts)
+                        h = sha(LEAF_HASH_INPUT % (body, kj, desc, hexlify(prev_s), seq, tj, int(v))).digest()
                     except (TypeError, ValueError, AttributeError) as exc:
                         raise _Bad(seq, f"entry {seq}: malformed stored column ({exc})") from exc
                     if h != leaf_s:
