@@ -2,7 +2,7 @@
 
 Sample i's weight gradient has one non-zero row per distinct token it uses: the sum of the backprops at
 the positions holding that token. So the squared norm is ``Σ_v ‖Σ_{t: idx_it = v} G_it‖²``: group the
-positions by (sample, token) with ``torch.unique``, ``index_add`` the backprops, square, and add up per
+positions by (sample, token) with a per-row sort, ``index_add`` the backprops, square, and add up per
 sample. O(B·T·d) work, never a B × V × d tensor. ``padding_idx`` positions get no gradient (as in
 PyTorch); ``scale_grad_by_freq`` (batch-wide counts) and ``sparse`` are refused.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import Call, LayerGrads, Request, register_kernel, scaled_rows, sq_norms
+from .base import Call, LayerGrads, Request, register_kernel, scaled_rows
 
 
 def _validate(name: str, module: nn.Module) -> None:
@@ -33,33 +33,44 @@ def _validate(name: str, module: nn.Module) -> None:
         )
 
 
+def _segment_norm_sq(idx: Tensor, g: Tensor) -> Tensor:
+    """``Σ_v ‖Σ_{t: idx_it = v} G_it‖²`` per sample i, for idx [b, T] and g [b, T, d].
+
+    Sorting each row of ``idx`` (b small sorts, not one global ``torch.unique`` over b·T keys, which was
+    the slow part) marks where a new token starts; a cumulative sum of those marks numbers the (sample,
+    token) groups, scattered back to the original positions so the backprops are summed per group by one
+    ``index_add`` without being permuted. Rows whose tokens are all distinct (positions) need no grouping.
+    """
+    b, t = idx.shape
+    d = g.shape[-1]
+    srt, perm = idx.sort(dim=1)
+    starts = torch.ones_like(srt, dtype=torch.bool)
+    torch.ne(srt[:, 1:], srt[:, :-1], out=starts[:, 1:])
+    if bool(starts.all()):  # no token twice in a sample: each position is its own row of the gradient
+        return torch.linalg.vector_norm(g, dim=(1, 2)).square_()
+    group_sorted = starts.reshape(-1).cumsum(0).sub_(1)
+    n_groups = int(group_sorted[-1]) + 1
+    group = torch.empty_like(group_sorted).view(b, t).scatter_(1, perm, group_sorted.view(b, t))
+    sums = torch.zeros(n_groups, d, dtype=g.dtype, device=g.device)
+    sums.index_add_(0, group.reshape(-1), g.reshape(-1, d))
+    sample = torch.arange(b, device=idx.device).repeat_interleave(starts.sum(1))
+    sq = torch.linalg.vector_norm(sums, dim=1).square_()
+    return torch.zeros(b, dtype=g.dtype, device=g.device).index_add_(0, sample, sq)
+
+
 @register_kernel(nn.Embedding, validate=_validate)
 def embedding_kernel(module: nn.Module, calls: list[Call], req: Request) -> LayerGrads:
     assert isinstance(module, nn.Embedding)
     num, dim = module.num_embeddings, module.embedding_dim
     idx = torch.cat([c.input.reshape(c.input.shape[0], -1) for c in calls], 1)  # [b, T]
     g = torch.cat([c.grad_output.reshape(idx.shape[0], -1, dim) for c in calls], 1)  # [b, T, d]
-    b = idx.shape[0]
-    keep = None
-    if module.padding_idx is not None:
-        keep = idx != module.padding_idx
-    sample = torch.arange(b, device=idx.device).unsqueeze(1).expand_as(idx)
-    key = sample * num + idx
-    flat_key = key.reshape(-1)
-    flat_g = g.reshape(-1, dim)
-    if keep is not None:
-        flat_key = flat_key[keep.reshape(-1)]
-        flat_g = flat_g[keep.reshape(-1)]
-    uniq, inverse = torch.unique(flat_key, return_inverse=True)
-    sums = torch.zeros(uniq.shape[0], dim, dtype=g.dtype, device=g.device).index_add_(0, inverse, flat_g)
-    norm_sq = torch.zeros(b, dtype=g.dtype, device=g.device).index_add_(0, uniq // num, sq_norms(sums))
-    del sums
-    flat_idx = idx.reshape(-1) if keep is None else idx.reshape(-1)[keep.reshape(-1)]
+    if module.padding_idx is not None:  # padding positions get no gradient (as in PyTorch): zero them
+        g = g.masked_fill((idx == module.padding_idx).unsqueeze(2), 0.0)
+    norm_sq = _segment_norm_sq(idx, g)
+    flat_idx = idx.reshape(-1)
 
     def grads(scale: Tensor | None) -> dict[str, Tensor]:
         gs = scaled_rows(g, scale).reshape(-1, dim)
-        if keep is not None:
-            gs = gs[keep.reshape(-1)]
         dw = torch.zeros(num, dim, dtype=g.dtype, device=g.device).index_add_(0, flat_idx, gs)
         return {"weight": dw}
 

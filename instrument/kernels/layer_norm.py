@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import Call, LayerGrads, Request, register_kernel
@@ -16,9 +16,8 @@ def layer_norm_kernel(module: nn.Module, calls: list[Call], req: Request) -> Lay
 
     def per_sample(call: Call) -> dict[str, Tensor]:
         x, g = call.input, call.grad_output
-        dims = tuple(range(x.dim() - n, x.dim()))
-        var, mean = torch.var_mean(x, dim=dims, keepdim=True, correction=0)
-        xhat = (x - mean) * torch.rsqrt(var + module.eps)
-        return {"weight": reduce_to(g * xhat, n), "bias": reduce_to(g, n)}
+        # x̂ from ATen's own layer norm without affine (one fused pass; var_mean + arithmetic was ~5x slower)
+        xhat = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+        return {"weight": reduce_to(g.mul(xhat), n), "bias": reduce_to(g, n)}
 
     return materialised(module, calls, per_sample)
