@@ -71,7 +71,10 @@ from .tree import LevelTree, StoredTree, extend, node_rows
 FORMAT = 1
 SQLITE_MMAP_BYTES = 1 << 30  # memory-mapped reads: verify streams blobs without read() copies
 READ_CHUNK = 256
-VERIFY_CHUNK = 512
+VERIFY_CHUNK = 512  # PostgreSQL: entries per round trip
+# SQLite: entries per read. Small on purpose: the blobs are hashed while the copies SQLite just made are
+# still in the CPU cache (32 x 20 KB steps ~ 0.6 MB); 512 (~10 MB) measured 0.45x raw sha256, 32 0.57x.
+SQLITE_VERIFY_CHUNK = 32
 _LEAF = b"\x00"  # RFC 9162 leaf prefix (also in ledger.merkle.leaf_hash); inlined on the hot paths
 
 
@@ -1178,8 +1181,8 @@ def _verify_chunks_sqlite(dbapi: sqlite3.Connection, n: int) -> Iterator[tuple[l
     ecur = dbapi.cursor()
     pcur = dbapi.cursor()
     try:
-        for lo in range(0, n, VERIFY_CHUNK):
-            hi = min(lo + VERIFY_CHUNK, n)
+        for lo in range(0, n, SQLITE_VERIFY_CHUNK):
+            hi = min(lo + SQLITE_VERIFY_CHUNK, n)
             rows = ecur.execute(_SQLITE_VERIFY_ENTRIES, (lo, hi)).fetchall()
             prows = pcur.execute(_SQLITE_VERIFY_PAYLOADS, (lo, hi)).fetchall()
             yield rows, prows
