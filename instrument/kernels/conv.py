@@ -3,8 +3,10 @@
 Per sample, a convolution is a Linear over the L output positions: activations ``U_i`` = unfolded input
 patches [L, C_in/g·k], backprops ``G_i`` [L, C_out/g], per group. Norms use the Gram form when
 L²(d_in+d_out) is cheaper than materialising (small feature maps) and otherwise materialise per-sample
-weight gradients chunk by chunk (unfolding only a chunk of samples at a time, to bound memory); the
-materialised gradients then also give the layer gradient as a weighted sum. On the Gram path the layer
+weight gradients chunk by chunk (L2-sized chunks, which bounds memory): either with ATen's conv weight
+backward with the batch folded into groups, or as unfolded patches times backprops in one batched GEMM,
+whichever was measured faster for the layer's shape (``_grouped_backward_is_faster``); the materialised
+gradients then also give the layer gradient as a weighted sum. On the Gram path the layer
 gradient comes from ATen's own ``convolution_backward`` with scaled backprops, i.e. the same kernel as a
 normal backward. Stride, padding (ints, 'same', 'valid', non-zero padding modes), dilation and groups
 are handled by padding explicitly where needed.
@@ -17,7 +19,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import (
-    MATERIALISE_BUDGET,
     Call,
     LayerGrads,
     Request,
@@ -27,7 +28,6 @@ from .base import (
     trainable,
     weighted_sum,
 )
-from .linear import use_gram
 
 
 def _as_2d(module: nn.Conv1d | nn.Conv2d) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
@@ -51,12 +51,32 @@ def _padded(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> tuple[Tensor, tuple[int
 def _unfold(
     x: Tensor, is_1d: bool, k: tuple[int, int], s: tuple[int, int], d: tuple[int, int], pad: tuple[int, ...]
 ) -> Tensor:
+    """Patches [n, C_in·kh·kw, L] exactly as ``F.unfold``, built from kh·kw strided slices of the padded input.
+
+    ATen's CPU ``im2col`` behind ``F.unfold`` runs one sample and channel at a time and was 1-3x slower than
+    these kh·kw vectorised slice copies (one ``stack``); the (channel, kh, kw) order matches the weight's.
+    """
     if is_1d:
         x = x.unsqueeze(2)
         p2 = (0, pad[0])
     else:
         p2 = (pad[0], pad[1])
-    return F.unfold(x, k, dilation=d, padding=p2, stride=s)  # [c, C_in·kh·kw, L]
+    if p2[0] or p2[1]:
+        x = F.pad(x, (p2[1], p2[1], p2[0], p2[0]))
+    n, c, h, w = x.shape
+    ho = (h - d[0] * (k[0] - 1) - 1) // s[0] + 1
+    wo = (w - d[1] * (k[1] - 1) - 1) // s[1] + 1
+    cols = [
+        x[
+            :,
+            :,
+            i * d[0] : i * d[0] + s[0] * (ho - 1) + 1 : s[0],
+            j * d[1] : j * d[1] + s[1] * (wo - 1) + 1 : s[1],
+        ]
+        for i in range(k[0])
+        for j in range(k[1])
+    ]
+    return torch.stack(cols, 2).reshape(n, c * k[0] * k[1], ho * wo)
 
 
 def _per_sample(
@@ -71,6 +91,26 @@ def _per_sample(
         list(module.dilation), False, [0] * len(pad), module.groups * n, [False, True, False],
     )  # fmt: skip
     return dw.reshape(n, *weight.shape)
+
+
+PER_SAMPLE_MODE = "auto"  # "auto" | "groups" | "unfold": forces one way (experiments only)
+# Elements per chunk of unfolded patches + per-sample gradients: 1 MiB in float32, so a chunk stays in L2 while
+# its norms and weighted sum read it back, and the layer's extra memory stays ~1 MiB. Measured on the CNN of
+# benchmarks/step_overhead.py: 2^21 (the Linear budget) cost 1.3-1.9x plain's peak memory and was slower;
+# 2^17 and 2^16 were slower again (more, smaller GEMMs).
+MATERIALISE_BUDGET = 1 << 18  # conv's own (smaller) value of base.MATERIALISE_BUDGET
+
+
+def _grouped_backward_is_faster(module: nn.Conv1d | nn.Conv2d, t: int) -> bool:
+    """Which way to materialise per-sample conv weight gradients (both exact; speed only).
+
+    ATen's conv weight backward with the batch folded into groups needs no unfold buffer, and with 16-32
+    input channels per group it matched or beat unfold + one batched GEMM; with an RGB input layer (3
+    channels) it was 1.5x slower (CNN of BENCHMARKS.md, CPU, one thread: 6.5 vs 4.3 ms at B=64).
+    """
+    if PER_SAMPLE_MODE != "auto":
+        return PER_SAMPLE_MODE == "groups"
+    return module.in_channels // module.groups >= 8
 
 
 @register_kernel(nn.Conv1d, nn.Conv2d)
@@ -94,7 +134,7 @@ def conv_kernel(module: nn.Module, calls: list[Call], req: Request) -> LayerGrad
         gb = sum(g.reshape(b, c_out, -1).sum(2) for g in gs)
         assert isinstance(gb, Tensor)
         norm_sq += sq_norms(gb)
-    gram = use_gram(t, d_in, d_out)
+    gram = t * (d_in + d_out) <= d_in * d_out  # flops: L²(d_in+d_out) vs L·d_in·d_out per sample
     eager_scale = None if req.deferred else req.scale
     dw_acc: Tensor | None = None
     weight = module.weight.detach()
@@ -104,23 +144,33 @@ def conv_kernel(module: nn.Module, calls: list[Call], req: Request) -> LayerGrad
             for lo in range(0, b, chunk):
                 hi = min(b, lo + chunk)
                 us = [_unfold(x[lo:hi], is_1d, k, s, d, pad) for x, pad in inputs]
-                u = (us[0] if len(us) == 1 else torch.cat(us, 2)).reshape(hi - lo, groups, d_in, t)
+                u = (us[0] if len(us) == 1 else torch.cat(us, 2)).reshape((hi - lo) * groups, d_in, t)
                 g = torch.cat([gg[lo:hi].reshape(hi - lo, c_out, -1) for gg in gs], 2)
-                g = g.reshape(hi - lo, groups, d_out, t)
-                gu = torch.einsum("cgit,cgis->cgts", u, u)
-                gg2 = torch.einsum("cgot,cgos->cgts", g, g)
-                norm_sq[lo:hi] += gu.mul_(gg2).sum((1, 2, 3))
+                g = g.reshape((hi - lo) * groups, d_out, t)
+                gu = torch.bmm(u.transpose(1, 2), u)
+                gg2 = torch.bmm(g.transpose(1, 2), g)
+                norm_sq[lo:hi] += gu.mul_(gg2).reshape(hi - lo, -1).sum(1)
                 del gu, gg2, u, g, us
-        else:  # materialise per-sample weight gradients with ATen's own conv backward, batch as groups
-            chunk = max(1, MATERIALISE_BUDGET // weight.numel())
+        else:  # materialise per-sample weight gradients, a bounded chunk of samples at a time
+            by_groups = _grouped_backward_is_faster(module, t)
+            per_row = weight.numel() + (0 if by_groups else groups * d_in * t)
+            chunk = max(1, MATERIALISE_BUDGET // per_row)
             if not req.deferred:
                 dw_acc = torch.zeros_like(weight)
             for lo in range(0, b, chunk):
                 hi = min(b, lo + chunk)
-                ps = sum(
-                    _per_sample(module, x[lo:hi], pad, g[lo:hi], weight)
-                    for (x, pad), g in zip(inputs, gs, strict=True)
-                )
+                if by_groups:
+                    ps = sum(
+                        _per_sample(module, x[lo:hi], pad, g[lo:hi], weight)
+                        for (x, pad), g in zip(inputs, gs, strict=True)
+                    )
+                else:  # unfolded patches Uᵢ [groups, d_in, L] times backprops Gᵢᵀ [groups, L, d_out]
+                    us = [_unfold(x[lo:hi], is_1d, k, s, d, pad) for x, pad in inputs]
+                    u = (us[0] if len(us) == 1 else torch.cat(us, 2)).reshape((hi - lo) * groups, d_in, t)
+                    g = torch.cat([gg[lo:hi].reshape(hi - lo, c_out, -1) for gg in gs], 2)
+                    g = g.reshape((hi - lo) * groups, d_out, t)
+                    ps = torch.bmm(g, u.transpose(1, 2)).reshape(hi - lo, *weight.shape)
+                    del us, u, g
                 assert isinstance(ps, Tensor)
                 norm_sq[lo:hi] += sq_norms(ps)
                 if dw_acc is not None:

@@ -35,8 +35,18 @@ PartGrads = Callable[[Tensor | None], tuple[Tensor | None, Tensor | None]]
 
 
 def use_gram(t: int, d_in: int, d_out: int) -> bool:
-    """Cost model: Gram form ~T²(d_in+d_out) vs materialising ~T·d_in·d_out per sample."""
-    return t == 1 or t * t * (d_in + d_out) <= t * d_in * d_out
+    """Per layer, the cheaper exact way, by a cost model in units of the layer's weight-gradient GEMM.
+
+    Gram: two batched T×T products, T²(d_in+d_out) flops per sample, i.e. r = T(d_in+d_out)/(d_in·d_out)
+    GEMMs; they ran ~1.2x less efficiently than the GEMM. Materialising replaces the GEMM by a batched
+    per-sample product (a short inner dim T) plus two passes over B·d_in·d_out for norms and sum: measured
+    ≈ 0.27 + 23.5/T GEMMs extra (1.0 at T=32, 0.45 at T=128). CPU, one thread, B=64, d in 64..512, T=32/128
+    (BENCHMARKS.md); the flop-only rule (Gram iff r <= 1) picked the slower way for 64x64 at T=32 and
+    512x512 at T=128.
+    """
+    if t == 1:
+        return True
+    return 1.2 * t * (d_in + d_out) / (d_in * d_out) <= 0.27 + 23.5 / t
 
 
 def linear_parts(

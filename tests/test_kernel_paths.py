@@ -1,0 +1,127 @@
+"""Every speed path of the kernels is exact: each way of computing a layer's norms and gradients is forced in
+turn and checked against the torch.func oracle (float64), so a path the cost model does not pick for the
+shapes in test_norms_oracle.py is still covered."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from instrument.kernels import conv as conv_mod
+from instrument.kernels import linear as linear_mod
+from tests.support_engine import (
+    assert_rel_close,
+    check_model,
+    layer_of,
+    oracle_grads,
+    run_engine,
+)
+
+torch.set_num_threads(1)
+
+CONV_KW = [
+    dict(padding=1),
+    dict(stride=2, padding=1),
+    dict(padding=2, dilation=2, groups=2),
+    dict(stride=(2, 1), padding=(1, 0), dilation=(1, 2), groups=2, bias=False),
+    dict(padding="same"),
+    dict(padding=1, padding_mode="circular"),
+]
+
+
+@pytest.mark.parametrize("kw", CONV_KW, ids=[str(k) for k in CONV_KW])
+def test_fast_unfold_equals_f_unfold(kw: dict) -> None:
+    conv = nn.Conv2d(4, 6, 3, **kw)
+    x = torch.randn(3, 4, 7, 6, dtype=torch.float64)
+    xp, pad = conv_mod._padded(conv, x)
+    k, s, d = conv_mod._as_2d(conv)
+    ref = F.unfold(xp, k, dilation=d, padding=tuple(pad), stride=s)
+    assert torch.equal(conv_mod._unfold(xp, False, k, s, d, tuple(pad)), ref)
+
+
+def test_fast_unfold_conv1d() -> None:
+    conv = nn.Conv1d(3, 4, 3, stride=2, padding=1, dilation=2)
+    x = torch.randn(2, 3, 11, dtype=torch.float64)
+    k, s, d = conv_mod._as_2d(conv)
+    ref = F.unfold(x.unsqueeze(2), k, dilation=d, padding=(0, 1), stride=s)
+    assert torch.equal(conv_mod._unfold(x, True, k, s, d, (1,)), ref)
+
+
+def _routed_reference(
+    model: nn.Module, x: torch.Tensor, target: torch.Tensor, w: torch.Tensor, layers: list[str]
+) -> dict[str, torch.Tensor]:
+    """Σ_i w_il ∇ℓ_i per parameter from the oracle's per-sample gradients (sum reduction)."""
+    per = oracle_grads(model, x, target)
+    return {
+        n: torch.einsum("b,b...->...", w[:, layers.index(layer_of(n, layers))], g) for n, g in per.items()
+    }
+
+
+@pytest.mark.parametrize("mode", ["groups", "unfold"])
+def test_conv_per_sample_modes_exact(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    """Both ways of materialising per-sample conv gradients, with 8+ channels (groups by default) and 3."""
+    monkeypatch.setattr(conv_mod, "PER_SAMPLE_MODE", mode)
+    monkeypatch.setattr(conv_mod, "MATERIALISE_BUDGET", 3000)  # several chunks
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, groups=2), nn.Tanh(),
+        nn.Flatten(), nn.Linear(8 * 2 * 2, 3),
+    ).double()  # fmt: skip
+    x = torch.randn(5, 3, 6, 6, dtype=torch.float64)
+    check_model(model, x, "mean")
+    check_model(model, x, "sum")
+    # routed gradients on the same path: Σ_i w_il ∇ℓ_i (sum reduction)
+    with torch.no_grad():
+        target = torch.randn_like(model(x))
+    torch.manual_seed(0)
+    w = torch.rand(5, 3, dtype=torch.float64)
+    eng, _, _, grads = run_engine(model, x, target, "sum", weights=w)
+    ref = _routed_reference(model, x, target, w, eng.layer_names)
+    for n, g in ref.items():
+        assert_rel_close(grads[n], g, 1e-9, f"routed .grad of {n} ({mode})")
+
+
+def test_default_conv_mode_by_channels() -> None:
+    assert not conv_mod._grouped_backward_is_faster(nn.Conv2d(3, 16, 3), 1024)
+    assert conv_mod._grouped_backward_is_faster(nn.Conv2d(16, 32, 3), 256)
+    assert not conv_mod._grouped_backward_is_faster(nn.Conv2d(16, 32, 3, groups=4), 256)
+
+
+@pytest.mark.parametrize("gram", [True, False])
+def test_linear_sequence_both_paths_exact(monkeypatch: pytest.MonkeyPatch, gram: bool) -> None:
+    monkeypatch.setattr(linear_mod, "use_gram", lambda t, d_in, d_out: gram)
+    monkeypatch.setattr(linear_mod, "MATERIALISE_BUDGET", 50)  # several chunks when materialising
+    model = nn.Sequential(nn.Linear(5, 7), nn.GELU(), nn.Linear(7, 3, bias=False)).double()
+    x = torch.randn(4, 6, 5, dtype=torch.float64)
+    check_model(model, x, "mean")
+    with torch.no_grad():
+        target = torch.randn_like(model(x))
+    torch.manual_seed(1)
+    w = torch.rand(4, 2, dtype=torch.float64)
+    eng, _, _, grads = run_engine(model, x, target, "sum", weights=w)
+    ref = _routed_reference(model, x, target, w, eng.layer_names)
+    for n, g in ref.items():
+        assert_rel_close(grads[n], g, 1e-9, f"routed .grad of {n} (gram={gram})")
+
+
+def test_cost_model_measured_choices() -> None:
+    """The measured model keeps the flop rule's clear cases and fixes the two it got wrong on CPU."""
+    assert linear_mod.use_gram(32, 64, 512) and linear_mod.use_gram(32, 512, 512)
+    assert not linear_mod.use_gram(32, 64, 64)  # square and small: materialising measured cheaper
+    assert not linear_mod.use_gram(128, 512, 512)  # long sequence: Gram's T² loses
+    assert not linear_mod.use_gram(128, 64, 192)
+    assert linear_mod.use_gram(1, 3, 3)
+
+
+def test_embedding_repeats_in_some_rows_only() -> None:
+    """Rows with repeated tokens and rows without, in one batch (the grouping and the no-repeat shortcut)."""
+    emb = nn.Embedding(6, 3).double()
+    model = nn.Sequential(emb, nn.Flatten(), nn.Linear(12, 2)).double()
+    idx = torch.tensor([[0, 1, 2, 3], [1, 1, 1, 4], [5, 4, 5, 4]])
+    with torch.no_grad():
+        target = torch.randn(3, 2, dtype=torch.float64)
+    eng, norms, _, _ = run_engine(model, idx, target, "sum")
+    per = oracle_grads(model, idx, target)
+    ref = per["0.weight"].reshape(3, -1).norm(dim=1)
+    assert_rel_close(norms[:, 0], ref, 1e-9, "embedding norms")
