@@ -204,8 +204,12 @@ class GradNormEngine:
     def _attach_hooks(self) -> None:
         for lay in self._layers:
             m = lay.module
-            self._handles.append(m.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
-            self._handles.append(m.register_forward_hook(self._post_hook, with_kwargs=True, always_call=True))
+            # prepend: the engine's hooks run before any hook the user (or a Sketcher) registered earlier, so
+            # those see the instrumented output, whose grad_output reaches them in backward
+            self._handles.append(m.register_forward_pre_hook(self._pre_hook, with_kwargs=True, prepend=True))
+            self._handles.append(
+                m.register_forward_hook(self._post_hook, with_kwargs=True, always_call=True, prepend=True)
+            )
             for pname, p in lay.params.items():
                 self._handles.append(p.register_hook(self._guard(lay, pname)))
         for name, module in self._checked:

@@ -383,7 +383,13 @@ class Tracker:
         criterion: nn.Module | None = None,
         update_norms: bool = True,
         max_pending: int = 8,
+        sketch: Any = None,
+        states: Any = None,
     ) -> None:
+        # The query aggregates are an indexer: importing it registers it, so they are maintained in the same
+        # transaction as every step entry from the first step on (not back-filled by a later query).
+        import audit.aggregates  # noqa: F401
+
         from .engine import (
             GradNormEngine,  # written alongside; imported here so `import instrument` stays light
         )
@@ -408,6 +414,9 @@ class Tracker:
                 "attach: a routing policy needs labels=<Manifest> to look up each example's provenance"
             )
         self.dist = _dist.context_for(model)
+        if sketch is not None and self.dist is not None:
+            raise NotImplementedError("attach: gradient sketches are not supported under DDP yet")
+        self.sketcher, self.states = sketch, states  # instrument.sketch.Sketcher / StateStore, or None
         if (self.dist is None or self.dist.is_writer) and ledger is None:
             raise ValueError("attach: ledger is required (under DDP: on rank 0, the ledger writer)")
 
@@ -513,6 +522,8 @@ class Tracker:
         }
         if self.dist is not None:
             body["distributed"] = self.dist.describe()
+        if self.sketcher is not None:  # projection seed, k and digests: anyone can regenerate the projections
+            body["sketch"] = self.sketcher.body()
         return body
 
     # ----- hooks ----------------------------------------------------------------------------------
@@ -633,6 +644,8 @@ class Tracker:
             "step": self.step_index,
         }
         body.update(model_digests(self.base, self.layers))
+        if self.states is not None:  # weights beside the ledger, addressed (and later verified) by digest
+            self.states.put(self.base.state_dict())
         if self.mechanism is not None:
             eps = self.mechanism.eps
             if self.mechanism.eps_step != self.step_index - 1 and self.step_index > 0:
@@ -653,12 +666,16 @@ class Tracker:
         if not self._paused:
             self._uninstall()
             self.engine.pause()
+            if self.sketcher is not None:
+                self.sketcher.pause()
             self._paused = True
 
     def resume(self) -> None:
         self._check_open()
         if self._paused:
             self.engine.resume()
+            if self.sketcher is not None:
+                self.sketcher.resume()
             self._install()
             self._paused = False
 
@@ -678,6 +695,8 @@ class Tracker:
         finally:
             self._uninstall()
             self.engine.remove()
+            if self.sketcher is not None:
+                self.sketcher.remove()
             self._closed = True
             self.writer.close()
         return seq
@@ -816,11 +835,20 @@ class Tracker:
         if self.mechanism is not None and writes:
             eps = self.mechanism.account(self.step_index)
         if writes:
-            self._append_step(pending, update, eps)
+            extra = None
+            if self.sketcher is not None:  # read on this thread, before the next forward overwrites them
+                extra = self.sketcher.collect(expected_rows=sum(len(m.ids) for m in pending.micros))
+            self._append_step(pending, update, eps, extra)
         self._pending = _Pending()
         self.step_index += 1
 
-    def _append_step(self, pending: _Pending, update: list[float] | None, eps: float | None) -> None:
+    def _append_step(
+        self,
+        pending: _Pending,
+        update: list[float] | None,
+        eps: float | None,
+        extra: dict[str, np.ndarray] | None = None,
+    ) -> None:
         micros = pending.micros
         ids = [i for m in micros for i in m.ids]
         norms = np.concatenate([m.norms for m in micros if m.norms is not None]).astype(
@@ -828,7 +856,7 @@ class Tracker:
         )
         weights = np.concatenate([m.weights for m in micros]).astype(np.float32, copy=False)
         weight_rows, weight_index = encode_weights(weights)  # compact: a few distinct rows (step v 2)
-        payloads: dict[str, np.ndarray] = {"grad_norms": norms}
+        payloads: dict[str, np.ndarray] = {"grad_norms": norms, **(extra or {})}
         if weight_index is not None:
             payloads["weight_index"] = weight_index
         flags: dict[str, list[int]] = {}
@@ -899,6 +927,8 @@ def attach(
     criterion: nn.Module | None = None,
     update_norms: bool = True,
     max_pending: int = 8,
+    sketch: Any = None,
+    states: Any = None,
 ) -> Tracker:
     """Instrument ``model`` / ``optimizer`` and append the ``run`` entry; see the module docstring.
 
@@ -907,8 +937,12 @@ def attach(
     (gradledger does not seed torch for you). ``criterion``: the loss module the loop calls, for per-sample
     losses and margins. ``update_norms=False``: skip ``||Δθ_l||`` (saves a transient parameter copy per
     step). ``max_pending``: steps appended on a background thread (see :class:`StepWriter`); 0 = synchronous.
+    ``sketch``: an :class:`instrument.sketch.Sketcher` whose per-sample gradient sketches go into each step
+    entry (for ``gradledger influence``). ``states``: an :class:`instrument.sketch.StateStore` that keeps each
+    checkpoint's weights beside the ledger, addressed by the checkpoint entry's digest.
     """
     return Tracker(
         model, optimizer, ledger=ledger, run=run, policy=policy, labels=labels, loss_reduction=loss_reduction,
         dp=dp, seed=seed, criterion=criterion, update_norms=update_norms, max_pending=max_pending,
+        sketch=sketch, states=states,
     )  # fmt: skip

@@ -323,28 +323,6 @@ def test_planted_poison_is_found_at_the_last_layer() -> None:
 
 
 # ----------------------------------------------------------------------------- through the ledger, end to end
-class SketchingLedger:
-    """Test glue standing in for the tracker wiring (docs/influence.md, "Recording"): the run entry carries
-    ``sketcher.body()``, each step entry the sketcher's payloads, each checkpoint saves its weights."""
-
-    def __init__(self, led: Any, sketcher: Sketcher, store: Any, model: nn.Module) -> None:
-        self._led, self.sketcher, self.store, self.model = led, sketcher, store, model
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._led, name)
-
-    def append(
-        self, kind: str, body: dict[str, Any], payloads: dict[str, Any] | None = None, **kw: Any
-    ) -> Any:
-        if kind == "run":
-            body = {**body, "sketch": self.sketcher.body()}
-        elif kind == "step":
-            payloads = {**(payloads or {}), **self.sketcher.collect(expected_rows=len(body["example_ids"]))}
-        elif kind == "checkpoint":
-            self.store.put(self.model.state_dict())
-        return self._led.append(kind, body, payloads, **kw)
-
-
 POISONER = "mallory@example.com"
 
 
@@ -387,9 +365,8 @@ def poisoned_ledger(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace
     crit = nn.CrossEntropyLoss()
     sk = Sketcher(model, ["2", "4"], k=128, seed=5, methods={"4": "rank1"})
     store = StateStore(StateStore.beside(path))
-    proxy = SketchingLedger(led, sk, store, model)
     tr = instrument.attach(
-        model, opt, ledger=proxy, run="poisoned", labels=man, criterion=crit, max_pending=0
+        model, opt, ledger=led, run="poisoned", labels=man, criterion=crit, sketch=sk, states=store
     )
     x, y = torch.tensor(data.x), torch.tensor(data.y)
     for epoch in range(6):
@@ -403,8 +380,7 @@ def poisoned_ledger(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace
             opt.zero_grad()
         if epoch < 5:
             tr.checkpoint(f"epoch{epoch}")
-    tr.close()
-    sk.remove()
+    tr.close()  # also removes the sketcher's hooks
     with torch.no_grad():
         xq = torch.tensor(data.x_trig)
         xq = xq[model(xq).argmax(1) == data.target]
