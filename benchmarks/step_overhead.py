@@ -19,27 +19,36 @@ Time: every variant runs round-robin in one process (same threads, same data), w
 are median step times over the rounds, ratios against ``plain`` from the same run. Both wall-clock and CPU
 time are reported: the development machine is shared (2 cores, other jobs), so with ``--threads 1`` (the
 default) the per-thread CPU time (``time.thread_time``) is the load-robust measure of the work done.
-Memory: torch's CPU allocator keeps no peak statistics and tracemalloc does not see its allocations, so
-each (model, B, variant) runs in a fresh subprocess which, after building model, data and optimizer,
-resets the kernel's peak-RSS mark (``echo 5 > /proc/self/clear_refs``) and reports VmHWM − VmRSS after a
-few steps: the step's peak extra resident memory (activations, gradients, temporaries). glibc's mmap
-threshold is pinned (MALLOC_MMAP_THRESHOLD_) so large tensors are returned to the OS when freed and the
-high-water mark tracks live memory rather than allocator caching.
+Memory: torch's CPU allocator keeps no peak statistics, so every tensor allocation and free of one step is
+recorded with ``torch.profiler`` (``profile_memory=True``): after two warm-up steps, two steps are profiled
+and the second one's events are replayed in order; the running maximum of live bytes over the step's
+starting state is the step's peak extra tensor memory (activations, gradients, temporaries, optimizer and
+engine buffers). "total x" adds the starting state (parameters, their gradients, the batch). An earlier
+version measured the resident-set high-water mark (VmHWM) in a fresh process instead; that figure was
+dominated by one-time costs of the first steps (library pages, allocator arenas: 12 MiB "extra" for the plain
+MLP at B=64, 0.13 MiB once warmed up), not by the step's tensors.
+
+Before/after comparisons: ``--baseline-engine DIR`` adds a variant ``norms_base`` that runs the engine from
+another copy of ``engine.py`` + ``kernels/`` (e.g. ``git archive <rev> instrument/engine.py
+instrument/kernels | tar -x -C /tmp/base`` then ``--baseline-engine /tmp/base/instrument``), interleaved with
+the others in the same process, so old and new are measured under the same load.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib
+import importlib.machinery
+import importlib.util
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -91,7 +100,7 @@ def mlp(width: int = 512) -> nn.Module:
     )  # fmt: skip
 
 
-def cnn(c: int = 16) -> nn.Module:
+def cnn(c: int = 16) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(3, c, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(c, 2 * c, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
@@ -162,9 +171,11 @@ def make_plain(model: nn.Module, x: Tensor, y: Tensor) -> Step:
     return step
 
 
-def _engine_step(model: nn.Module, x: Tensor, y: Tensor, routed: bool) -> Step:
+def _engine_step(
+    model: nn.Module, x: Tensor, y: Tensor, routed: bool, engine_cls: Any = GradNormEngine
+) -> Step:
     opt = _sgd(model)
-    engine = GradNormEngine(model, loss_reduction="mean")
+    engine = engine_cls(model, loss_reduction="mean")
     b, L = x.shape[0], len(engine.layer_names)
     weights = None
     if routed:
@@ -264,37 +275,37 @@ def time_variants(wl: Workload, names: list[str], rounds: int, steps: int) -> di
     return {n: (statistics.median(wall[n]), statistics.median(cpu[n])) for n in names}
 
 
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
+def peak_memory(wl: Workload, name: str) -> tuple[float, float]:
+    """(peak extra MiB over the step's starting state, starting state MiB) of one step of ``name``."""
+    from torch.profiler import ProfilerActivity, profile, record_function
 
-
-def mem_child(model: str, batch: int, name: str, quick: bool, steps: int = 3) -> dict[str, float]:
-    """Runs inside a fresh subprocess: peak extra RSS (MiB) of ``steps`` steps of one variant."""
-    base, x, y = Workload(model, batch, quick).build()
+    base, x, y = wl.build()
     fn = VARIANTS[name](base, x, y)
-    Path("/proc/self/clear_refs").write_text("5")
-    rss0 = _status_kb("VmRSS")
-    for _ in range(steps):
-        fn()
-    return {"peak_extra_mib": (_status_kb("VmHWM") - rss0) / 1024}
+    fn()
+    fn()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()  # allocations made here are freed (and seen freed) in the measured step
+        with record_function("## measured step ##"):
+            fn()
+    events = prof.profiler.kineto_results.events()
+    t0 = min(e.start_ns() for e in events if e.name() == "## measured step ##")
+    live = peak = 0
+    for start, nbytes in sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"):
+        if start >= t0:
+            live += nbytes
+            peak = max(peak, live)
+    state = [*base.parameters(), *(p.grad for p in base.parameters() if p.grad is not None), x, y]
+    state_bytes = sum(t.numel() * t.element_size() for t in state)
+    return peak / 2**20, state_bytes / 2**20
 
 
-def measure_memory(wl: Workload, name: str, threads: int) -> float | None:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(threads))
-    cmd = [sys.executable, __file__, "--mem-child", wl.model, str(wl.batch), name, "--threads", str(threads)]
-    if wl.quick:
-        cmd.append("--quick")
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    if out.returncode != 0:
-        print(
-            f"memory child failed for {wl.model}/{wl.batch}/{name}: {out.stderr.strip()[-500:]}",
-            file=sys.stderr,
-        )
-        return None
-    return float(json.loads(out.stdout.strip().splitlines()[-1])["peak_extra_mib"])
+def load_baseline_engine(path: str) -> Any:
+    """``GradNormEngine`` from another copy of ``engine.py`` + ``kernels/`` (a directory holding both)."""
+    name = "_baseline_engine_pkg"
+    pkg = importlib.util.module_from_spec(importlib.machinery.ModuleSpec(name, None, is_package=True))
+    pkg.__path__ = [str(Path(path).resolve())]
+    sys.modules[name] = pkg
+    return importlib.import_module(name + ".engine").GradNormEngine
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -309,13 +320,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
-    ap.add_argument("--mem-child", nargs=3, metavar=("MODEL", "B", "VARIANT"), help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--baseline-engine",
+        metavar="DIR",
+        help="add variant norms_base: the engine from DIR (engine.py + kernels/)",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.mem_child:
-        m, b, n = args.mem_child
-        print(json.dumps(mem_child(m, int(b), n, args.quick)))
-        return 0
+    if args.baseline_engine:
+        base_cls = load_baseline_engine(args.baseline_engine)
+        VARIANTS["norms_base"] = lambda m, x, y: _engine_step(m, x, y, routed=False, engine_cls=base_cls)
     batches = [int(v) for v in (args.batches or ("8" if args.quick else "64,256")).split(",")]
     names = [n for n in args.variants.split(",") if n]
     unknown = [n for n in names if n not in VARIANTS]
@@ -323,15 +337,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown variants {unknown} (known: {list(VARIANTS)}); 'plain' is required", file=sys.stderr)
         return 2
     rounds = args.rounds or (2 if args.quick else 7)
-    results = []
+    results: list[dict[str, Any]] = []
     for model in args.models.split(","):
         for b in batches:
             wl = Workload(model, b, args.quick)
             times = time_variants(wl, names, rounds, steps=1 if args.quick else 2)
-            mem = {}
+            mem: dict[str, tuple[float, float]] = {}
             if not args.no_memory and not (args.quick and results):  # quick: first workload only
-                mem_names = ["plain", "norms"] if args.quick else names
-                mem = {n: measure_memory(wl, n, args.threads) for n in mem_names}
+                mem_names = [n for n in names if n in ("plain", "norms")] if args.quick else names
+                mem = {n: peak_memory(wl, n) for n in mem_names}
             for n in names:
                 mp, mn = mem.get("plain"), mem.get(n)
                 results.append(
@@ -339,7 +353,9 @@ def main(argv: list[str] | None = None) -> int:
                         "model": model, "batch": b, "variant": n,
                         "wall_ms": times[n][0] * 1e3, "wall_x_plain": times[n][0] / times["plain"][0],
                         "cpu_ms": times[n][1] * 1e3, "cpu_x_plain": times[n][1] / times["plain"][1],
-                        "peak_extra_mib": mn, "mem_x_plain": (mn / mp) if mn is not None and mp else None,
+                        "peak_extra_mib": mn[0] if mn else None, "state_mib": mn[1] if mn else None,
+                        "mem_x_plain": mn[0] / mp[0] if mn and mp and mp[0] else None,
+                        "total_mem_x_plain": (mn[0] + mn[1]) / (mp[0] + mp[1]) if mn and mp else None,
                     }
                 )  # fmt: skip
     if args.json:
@@ -347,10 +363,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"threads={args.threads} rounds={rounds}; medians; ratios against plain from this run")
     head = f"{'model':<12}{'B':>5}  {'variant':<14}{'CPU ms':>9}{'x plain':>9}{'wall ms':>9}{'x plain':>9}"
-    print(head + f"{'peak MiB':>10}{'mem x':>7}")
+    print(head + f"{'peak MiB':>10}{'mem x':>7}{'total x':>8}")
     for r in results:
         mem_s = (
-            f"{r['peak_extra_mib']:10.1f}{r['mem_x_plain']:7.2f}" if r["peak_extra_mib"] is not None else ""
+            f"{r['peak_extra_mib']:10.2f}{r['mem_x_plain']:7.2f}{r['total_mem_x_plain']:8.2f}"
+            if r["peak_extra_mib"] is not None
+            else ""
         )
         print(
             f"{r['model']:<12}{r['batch']:>5}  {r['variant']:<14}{r['cpu_ms']:9.1f}{r['cpu_x_plain']:9.2f}"
