@@ -128,8 +128,8 @@ class Workload:
             return m, torch.randn(b, 3, s, s), torch.randint(0, 10, (b,))
         if self.model == "transformer":
             t, v = (8, 32) if self.quick else (32, 512)
-            m = TinyGPT(vocab=v, d=16 if self.quick else 64, t=t)
-            return m, torch.randint(0, v, (b, t)), torch.randint(0, v, (b, t))
+            gpt = TinyGPT(vocab=v, d=16 if self.quick else 64, t=t)
+            return gpt, torch.randint(0, v, (b, t)), torch.randint(0, v, (b, t))
         raise ValueError(self.model)
 
 
