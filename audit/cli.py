@@ -29,4 +29,9 @@ def _register() -> None:
     )
 
 
-_register()
+if __name__ == "__main__":  # ``python -m audit.cli``: run the one registered copy of the group
+    from audit.cli import main as _main
+
+    _main()
+else:
+    _register()

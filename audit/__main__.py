@@ -1,0 +1,5 @@
+"""``python -m audit``: the ``gradledger`` command."""
+
+from audit.cli import main
+
+main()
