@@ -20,10 +20,10 @@ are median step times over the rounds, ratios against ``plain`` from the same ru
 time are reported: the development machine is shared (2 cores, other jobs), so with ``--threads 1`` (the
 default) the per-thread CPU time (``time.thread_time``) is the load-robust measure of the work done.
 Memory: torch's CPU allocator keeps no peak statistics, so every tensor allocation and free of one step is
-recorded with ``torch.profiler`` (``profile_memory=True``): after two warm-up steps, two steps are profiled
-and the second one's events are replayed in order; the running maximum of live bytes over the step's
-starting state is the step's peak extra tensor memory (activations, gradients, temporaries, optimizer and
-engine buffers). "total x" adds the starting state (parameters, their gradients, the batch). An earlier
+recorded with ``torch.profiler`` (``profile_memory=True``) in a fresh process per (model, B, variant), from
+before the model is built, and replayed in order; "peak MiB" is the highest live tensor memory during the third step (parameters, gradients, activations, temporaries, leftovers of
+the previous step such as Opacus's per-sample gradients), "mem x" its ratio to plain's, and "extra x" the
+same ratio for the part above parameters + buffers + batch (activations, gradients, temporaries). An earlier
 version measured the resident-set high-water mark (VmHWM) in a fresh process instead; that figure was
 dominated by one-time costs of the first steps (library pages, allocator arenas: 12 MiB "extra" for the plain
 MLP at B=64, 0.13 MiB once warmed up), not by the step's tensors.
@@ -43,6 +43,7 @@ import importlib.machinery
 import importlib.util
 import json
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -276,27 +277,58 @@ def time_variants(wl: Workload, names: list[str], rounds: int, steps: int) -> di
 
 
 def peak_memory(wl: Workload, name: str) -> tuple[float, float]:
-    """(peak extra MiB over the step's starting state, starting state MiB) of one step of ``name``."""
+    """(peak live tensor MiB during one step of ``name``, MiB of parameters + buffers + batch).
+
+    The profiler runs from before the model is built, so every allocation and free is recorded and the
+    running sum of recorded bytes is the live tensor memory at each moment (a profile started later misses
+    the frees of earlier blocks, differently for different allocation paths). The third step is measured.
+    """
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    base, x, y = wl.build()
-    fn = VARIANTS[name](base, x, y)
-    fn()
-    fn()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()  # allocations made here are freed (and seen freed) in the measured step
+        base, x, y = wl.build()
+        fn = VARIANTS[name](base, x, y)
+        fn()
+        fn()
         with record_function("## measured step ##"):
             fn()
     events = prof.profiler.kineto_results.events()
-    t0 = min(e.start_ns() for e in events if e.name() == "## measured step ##")
+    window = next(e for e in events if e.name() == "## measured step ##")
+    t0, t1 = window.start_ns(), window.end_ns()
     live = peak = 0
     for start, nbytes in sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"):
-        if start >= t0:
-            live += nbytes
+        live += nbytes
+        if t0 <= start <= t1:
             peak = max(peak, live)
-    state = [*base.parameters(), *(p.grad for p in base.parameters() if p.grad is not None), x, y]
-    state_bytes = sum(t.numel() * t.element_size() for t in state)
-    return peak / 2**20, state_bytes / 2**20
+    static = sum(t.numel() * t.element_size() for t in (*base.parameters(), *base.buffers(), x, y))
+    return peak / 2**20, static / 2**20
+
+
+def measure_memory(wl: Workload, name: str, args: argparse.Namespace) -> tuple[float, float] | None:
+    """``peak_memory`` in a fresh process (no blocks of earlier variants whose frees the profiler misses)."""
+    cmd = [
+        sys.executable,
+        __file__,
+        "--mem-child",
+        wl.model,
+        str(wl.batch),
+        name,
+        "--threads",
+        str(args.threads),
+    ]
+    if wl.quick:
+        cmd.append("--quick")
+    if args.baseline_engine:
+        cmd += ["--baseline-engine", args.baseline_engine]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        print(
+            f"memory child failed for {wl.model}/{wl.batch}/{name}: {out.stderr.strip()[-500:]}",
+            file=sys.stderr,
+        )
+        return None
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    return float(got["peak_mib"]), float(got["static_mib"])
 
 
 def load_baseline_engine(path: str) -> Any:
@@ -325,11 +357,17 @@ def main(argv: list[str] | None = None) -> int:
         metavar="DIR",
         help="add variant norms_base: the engine from DIR (engine.py + kernels/)",
     )
+    ap.add_argument("--mem-child", nargs=3, metavar=("MODEL", "B", "VARIANT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.baseline_engine:
         base_cls = load_baseline_engine(args.baseline_engine)
         VARIANTS["norms_base"] = lambda m, x, y: _engine_step(m, x, y, routed=False, engine_cls=base_cls)
+    if args.mem_child:
+        m, b, n = args.mem_child
+        peak, static = peak_memory(Workload(m, int(b), args.quick), n)
+        print(json.dumps({"peak_mib": peak, "static_mib": static}))
+        return 0
     batches = [int(v) for v in (args.batches or ("8" if args.quick else "64,256")).split(",")]
     names = [n for n in args.variants.split(",") if n]
     unknown = [n for n in names if n not in VARIANTS]
@@ -342,10 +380,10 @@ def main(argv: list[str] | None = None) -> int:
         for b in batches:
             wl = Workload(model, b, args.quick)
             times = time_variants(wl, names, rounds, steps=1 if args.quick else 2)
-            mem: dict[str, tuple[float, float]] = {}
+            mem: dict[str, tuple[float, float] | None] = {}
             if not args.no_memory and not (args.quick and results):  # quick: first workload only
                 mem_names = [n for n in names if n in ("plain", "norms")] if args.quick else names
-                mem = {n: peak_memory(wl, n) for n in mem_names}
+                mem = {n: measure_memory(wl, n, args) for n in mem_names}
             for n in names:
                 mp, mn = mem.get("plain"), mem.get(n)
                 results.append(
@@ -353,9 +391,10 @@ def main(argv: list[str] | None = None) -> int:
                         "model": model, "batch": b, "variant": n,
                         "wall_ms": times[n][0] * 1e3, "wall_x_plain": times[n][0] / times["plain"][0],
                         "cpu_ms": times[n][1] * 1e3, "cpu_x_plain": times[n][1] / times["plain"][1],
-                        "peak_extra_mib": mn[0] if mn else None, "state_mib": mn[1] if mn else None,
-                        "mem_x_plain": mn[0] / mp[0] if mn and mp and mp[0] else None,
-                        "total_mem_x_plain": (mn[0] + mn[1]) / (mp[0] + mp[1]) if mn and mp else None,
+                        "peak_mib": mn[0] if mn else None, "static_mib": mn[1] if mn else None,
+                        "peak_extra_mib": mn[0] - mn[1] if mn else None,
+                        "mem_x_plain": mn[0] / mp[0] if mn and mp else None,
+                        "extra_x_plain": (mn[0] - mn[1]) / (mp[0] - mp[1]) if mn and mp else None,
                     }
                 )  # fmt: skip
     if args.json:
@@ -363,10 +402,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"threads={args.threads} rounds={rounds}; medians; ratios against plain from this run")
     head = f"{'model':<12}{'B':>5}  {'variant':<14}{'CPU ms':>9}{'x plain':>9}{'wall ms':>9}{'x plain':>9}"
-    print(head + f"{'peak MiB':>10}{'mem x':>7}{'total x':>8}")
+    print(head + f"{'peak MiB':>10}{'mem x':>7}{'extra x':>8}")
     for r in results:
         mem_s = (
-            f"{r['peak_extra_mib']:10.2f}{r['mem_x_plain']:7.2f}{r['total_mem_x_plain']:8.2f}"
+            f"{r['peak_mib']:10.2f}{r['mem_x_plain']:7.2f}{r['extra_x_plain']:8.2f}"
             if r["peak_extra_mib"] is not None
             else ""
         )
