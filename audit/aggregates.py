@@ -40,6 +40,7 @@ skipped, deterministically.
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -61,6 +62,7 @@ from sqlalchemy import (
 )
 
 from ledger import indexers
+from ledger import schema as ledger_schema
 from ledger.records import step_weights
 
 NAME = "query_aggregates"
@@ -323,6 +325,7 @@ class _IdCache:
     ids: dict[str, int]
     n: int  # -1: not trusted across calls
     assigned_seq: int
+    assigned_leaf: bytes | None  # leaf hash of the entry at assigned_seq (None: no examples yet)
 
 
 _ID_CACHE: dict[bytes, _IdCache] = {}
@@ -345,6 +348,7 @@ class _Run:
     assigned_seq: int
     leaf_hash: bytes
     dirty: bool = False
+    ids_checked: bool = False  # the id cache was validated against this transaction's tables
 
 
 class QueryAggregates:
@@ -358,7 +362,7 @@ class QueryAggregates:
 
     def apply(self, conn: Connection, entries: Sequence[Any]) -> None:
         cache: dict[int, _Run] = {}
-        pending: list[dict[str, Any]] = []
+        pending: list[tuple[Any, ...]] = []
         for e in entries:
             if e.kind == "run":
                 self._add_run(conn, e, cache)
@@ -424,12 +428,12 @@ class QueryAggregates:
 
     # -- step entries ----------------------------------------------------------------------------------
     def _add_step(
-        self, conn: Connection, e: Any, cache: dict[int, _Run], pending: list[dict[str, Any]]
+        self, conn: Connection, e: Any, cache: dict[int, _Run], pending: list[tuple[Any, ...]]
     ) -> None:
         parsed = _parse_step(e)
         if parsed is None:
             return
-        run_seq, ids, layer_names, norms, weights, scale_clip, lr, mb, epoch, step = parsed
+        run_seq, ids, layer_names, norms, (wtab, wrow), scale_clip, lr, mb, epoch, step = parsed
         r = self._run(conn, run_seq, cache)
         if r is None or layer_names != r.layers:
             return
@@ -437,21 +441,20 @@ class QueryAggregates:
         # d_i: the size of sample i's micro-batch under a mean-reduced loss, 1 under sum
         d = np.repeat(np.asarray(mb, dtype=np.float64), mb) if r.loss_reduction == "mean" else np.ones(b)
         scale = scale_clip / d
-        idx = self._indices(conn, r, ids, e.seq)
-        wtab, wrow = _distinct_rows(weights)
+        idx = self._indices(conn, r, ids, e.seq, e.leaf_hash)
         pending.append(
-            {
-                "run_seq": run_seq,
-                "seq": e.seq,
-                "epoch": epoch,
-                "step": step,
-                "idx": idx.astype("<i4").tobytes(),
-                "norms": np.ascontiguousarray(norms.T, dtype="<f4").tobytes(),
-                "wtab": np.ascontiguousarray(wtab, dtype="<f4").tobytes(),
-                "wrow": wrow.astype("<u1" if wtab.shape[0] <= 256 else "<i4").tobytes(),
-                "scale": (scale[:1] if (scale == scale[0]).all() else scale).astype("<f8").tobytes(),
-                "lr": lr.astype("<f8").tobytes(),
-            }
+            (
+                run_seq,
+                e.seq,
+                epoch,
+                step,
+                idx.astype("<i4").tobytes(),
+                np.ascontiguousarray(norms.T, dtype="<f4").tobytes(),
+                np.ascontiguousarray(wtab, dtype="<f4").tobytes(),
+                wrow.astype("<u1" if wtab.shape[0] <= 256 else "<i4").tobytes(),
+                (scale[:1] if (scale == scale[0]).all() else scale).astype("<f8").tobytes(),
+                lr.astype("<f8").tobytes(),
+            )
         )
         r.n_steps += 1
         r.n_samples += b
@@ -460,62 +463,91 @@ class QueryAggregates:
             self._flush(conn, cache, pending)
             self._fold(conn, r, e.seq)
 
-    def _indices(self, conn: Connection, r: _Run, ids: list[str], seq: int) -> np.ndarray:
+    def _indices(self, conn: Connection, r: _Run, ids: list[str], seq: int, leaf: bytes) -> np.ndarray:
         """Dense per-run example indices, assigned in first-seen order (new ids are inserted now).
 
         The id -> index map of a run is cached in-process (a lookup of B ids costs ~10 ms through the database
         at B=256). The cache is keyed by the run entry's leaf hash and trusted only while the stored
-        (n_examples, assigned_seq) equal the cached ones, so another writer's additions or a rolled-back
-        append empty it; it is then reloaded from ``qa_examples`` once.
+        (n_examples, assigned_seq) equal the cached ones and, checked once per ``apply``, the entry at
+        ``assigned_seq`` still has the leaf hash the cache saw (that hash commits to every earlier entry, so an
+        append that was rolled back and replaced by another writer's entry at the same seq cannot pass). Any
+        mismatch (another writer's additions, a rolled-back append) reloads it from ``qa_examples`` once.
         """
         key = r.leaf_hash
         c = _ID_CACHE.get(key)
-        if c is None or (c.n, c.assigned_seq) != (r.n_examples, r.assigned_seq):
+        if (
+            c is None
+            or (c.n, c.assigned_seq) != (r.n_examples, r.assigned_seq)
+            or (not r.ids_checked and c.assigned_leaf != _leaf_at(conn, r.assigned_seq))
+        ):
             c = _IdCache(
-                {x: i for i, x in enumerate(load_ids(conn, r.run_seq))}, r.n_examples, r.assigned_seq
+                {x: i for i, x in enumerate(load_ids(conn, r.run_seq))},
+                r.n_examples,
+                r.assigned_seq,
+                _leaf_at(conn, r.assigned_seq),
             )
             if len(c.ids) != r.n_examples:  # a damaged table: do not cache it
-                c = _IdCache(c.ids, -1, -1)
+                c = _IdCache(c.ids, -1, -1, None)
             else:
                 _ID_CACHE.pop(key, None)
                 while len(_ID_CACHE) >= _ID_CACHE_RUNS:
                     _ID_CACHE.pop(next(iter(_ID_CACHE)))
                 _ID_CACHE[key] = c
+        r.ids_checked = True
         known = c.ids
-        new: list[str] = []
-        first = r.n_examples
-        for ex in ids:
-            if ex not in known:
-                known[ex] = r.n_examples
-                new.append(ex)
-                r.n_examples += 1
-        if new:
-            conn.execute(
-                examples.insert(),
-                [{"run_seq": r.run_seq, "first_idx": first, "n": len(new), "ids": json.dumps(new)}],
-            )
+        found = list(map(known.get, ids))
+        if None in found:  # first sight of some ids: number them in order (a repeated new id once)
+            first = n = r.n_examples
+            new: list[str] = []
+            for k, ex in enumerate(ids):
+                if found[k] is None:
+                    i = known.get(ex)
+                    if i is None:
+                        i = known[ex] = n
+                        new.append(ex)
+                        n += 1
+                    found[k] = i
+            r.n_examples = n
+            row = (r.run_seq, first, len(new), json.dumps(new))
+            if conn.dialect.name == "sqlite":
+                _sqlite(conn).execute(_SQLITE_INSERT_EXAMPLES, row)
+            else:
+                conn.execute(
+                    examples.insert(), [dict(zip(("run_seq", "first_idx", "n", "ids"), row, strict=True))]
+                )
             r.assigned_seq = seq
             r.dirty = True
+            if c.n >= 0:
+                c.assigned_leaf = leaf
         if c.n >= 0:
             c.n, c.assigned_seq = r.n_examples, r.assigned_seq
-        return np.fromiter((known[ex] for ex in ids), dtype=np.int64, count=len(ids))
+        return np.array(found, dtype=np.int64)
 
-    def _flush(self, conn: Connection, cache: dict[int, _Run], pending: list[dict[str, Any]]) -> None:
+    def _flush(self, conn: Connection, cache: dict[int, _Run], pending: list[tuple[Any, ...]]) -> None:
+        sqlite = conn.dialect.name == "sqlite"
         if pending:
-            conn.execute(steps.insert(), pending)
+            if (
+                sqlite
+            ):  # straight to the driver, as the store's own inserts (SQLAlchemy's per-row cost dominated)
+                _sqlite(conn).executemany(_SQLITE_INSERT_STEPS, pending)
+            else:
+                conn.execute(steps.insert(), [dict(zip(_STEP_FIELDS, p, strict=True)) for p in pending])
             pending.clear()
         for r in cache.values():
             if r.dirty:
-                conn.execute(
-                    update(runs)
-                    .where(runs.c.run_seq == r.run_seq)
-                    .values(
-                        n_examples=r.n_examples,
-                        n_steps=r.n_steps,
-                        n_samples=r.n_samples,
-                        assigned_seq=r.assigned_seq,
+                vals = (r.n_examples, r.n_steps, r.n_samples, r.assigned_seq)
+                if sqlite:
+                    _sqlite(conn).execute(_SQLITE_UPDATE_RUN, (*vals, r.run_seq))
+                else:
+                    conn.execute(
+                        update(runs)
+                        .where(runs.c.run_seq == r.run_seq)
+                        .values(
+                            dict(
+                                zip(("n_examples", "n_steps", "n_samples", "assigned_seq"), vals, strict=True)
+                            )
+                        )
                     )
-                )
                 r.dirty = False
 
     def _fold(self, conn: Connection, r: _Run, through: int) -> None:
@@ -565,6 +597,33 @@ class QueryAggregates:
             .where(runs.c.run_seq == r.run_seq)
             .values(folded_through=through, folded_samples=r.n_samples, folded_excluded=json.dumps(excluded))
         )
+
+
+_STEP_FIELDS = ("run_seq", "seq", "epoch", "step", "idx", "norms", "wtab", "wrow", "scale", "lr")
+_SQLITE_INSERT_STEPS = f"INSERT INTO qa_steps ({', '.join(_STEP_FIELDS)}) VALUES ({', '.join('?' * 10)})"
+_SQLITE_INSERT_EXAMPLES = "INSERT INTO qa_examples (run_seq, first_idx, n, ids) VALUES (?, ?, ?, ?)"
+_SQLITE_UPDATE_RUN = (
+    "UPDATE qa_runs SET n_examples = ?, n_steps = ?, n_samples = ?, assigned_seq = ? WHERE run_seq = ?"
+)
+
+
+def _sqlite(conn: Connection) -> sqlite3.Connection:
+    """The raw ``sqlite3`` connection under ``conn`` (same open transaction), as ``ledger.store`` uses it."""
+    raw = conn.connection.driver_connection
+    assert isinstance(raw, sqlite3.Connection)
+    return raw
+
+
+def _leaf_at(conn: Connection, seq: int) -> bytes | None:
+    """The leaf hash of entry ``seq`` as this transaction sees it (None for seq < 0 or a missing entry)."""
+    if seq < 0:
+        return None
+    if conn.dialect.name == "sqlite":
+        row = _sqlite(conn).execute("SELECT leaf_hash FROM entries WHERE seq = ?", (seq,)).fetchone()
+    else:
+        e = ledger_schema.entries
+        row = conn.execute(select(e.c.leaf_hash).where(e.c.seq == seq)).first()
+    return None if row is None else bytes(row[0])
 
 
 def load_ids(conn: Connection, run_seq: int) -> list[str]:
@@ -619,10 +678,27 @@ def _parse_step(e: Any) -> tuple[Any, ...] | None:
     if not (isinstance(epoch, int) and isinstance(step, int) and isinstance(lr_raw, list)):
         return None
     pl = e.payloads
-    norms, weights = pl.get("grad_norms"), step_weights(b, pl)  # v1 payload or v2 compact rows
+    norms = pl.get("grad_norms")
     b_, n_l = len(ids), len(layers)
-    if norms is None or weights is None or norms.shape != (b_, n_l) or weights.shape != (b_, n_l):
+    if norms is None or norms.shape != (b_, n_l):
         return None
+    rows = b.get("weight_rows")
+    distinct: tuple[np.ndarray, np.ndarray]
+    if "weights" not in pl and "weight_index" not in pl and isinstance(rows, list) and len(rows) == 1:
+        # one routing-weight row for the whole batch (v2 compact form, what ``step_weights`` would repeat B
+        # times): that row is the distinct table and every sample uses row 0, as ``_distinct_rows`` finds
+        try:
+            table = np.array(rows, dtype=np.float32)
+        except (TypeError, ValueError):
+            return None
+        if table.ndim != 2 or table.shape[1] != n_l:
+            return None
+        distinct = (table, np.zeros(b_, dtype=np.intp))
+    else:
+        weights = step_weights(b, pl)  # v1 payload or v2 compact rows with an index
+        if weights is None or weights.shape != (b_, n_l):
+            return None
+        distinct = _distinct_rows(weights)
     if b_ == 0 or len(lr_raw) != n_l or sum(mb) != b_ or any(not isinstance(x, int) or x <= 0 for x in mb):
         return None
     clip = pl.get("clip")
@@ -637,7 +713,7 @@ def _parse_step(e: Any) -> tuple[Any, ...] | None:
         [str(i) for i in ids],
         [str(n) for n in layers],
         norms,
-        weights,
+        distinct,
         scale,
         lr,
         mb,
