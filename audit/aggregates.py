@@ -496,18 +496,21 @@ class QueryAggregates:
         r.ids_checked = True
         known = c.ids
         found = list(map(known.get, ids))
-        if None in found:  # first sight of some ids: number them in order (a repeated new id once)
-            first = n = r.n_examples
-            new: list[str] = []
-            for k, ex in enumerate(ids):
-                if found[k] is None:
-                    i = known.get(ex)
-                    if i is None:
-                        i = known[ex] = n
-                        new.append(ex)
-                        n += 1
-                    found[k] = i
-            r.n_examples = n
+        idx: np.ndarray | None = None
+        if None in found:  # first sight of some ids: number them in first-seen order (a repeated new id once)
+            first = r.n_examples
+            fresh = (
+                ids
+                if found.count(None) == len(ids)
+                else [x for x, i in zip(ids, found, strict=True) if i is None]
+            )
+            new = list(dict.fromkeys(fresh))
+            known.update(zip(new, range(first, first + len(new)), strict=True))
+            r.n_examples = first + len(new)
+            if len(new) == len(ids):  # all new and distinct (a first epoch): indices first, first + 1, ...
+                idx = np.arange(first, r.n_examples, dtype=np.int64)
+            else:
+                found = list(map(known.get, ids))
             row = (r.run_seq, first, len(new), json.dumps(new))
             if conn.dialect.name == "sqlite":
                 _sqlite(conn).execute(_SQLITE_INSERT_EXAMPLES, row)
@@ -521,7 +524,7 @@ class QueryAggregates:
                 c.assigned_leaf = leaf
         if c.n >= 0:
             c.n, c.assigned_seq = r.n_examples, r.assigned_seq
-        return np.array(found, dtype=np.int64)
+        return idx if idx is not None else np.array(found, dtype=np.int64)
 
     def _flush(self, conn: Connection, cache: dict[int, _Run], pending: list[tuple[Any, ...]]) -> None:
         sqlite = conn.dialect.name == "sqlite"
@@ -710,8 +713,8 @@ def _parse_step(e: Any) -> tuple[Any, ...] | None:
     scale = np.ones(b_) if clip is None else clip.astype(np.float64)
     return (
         run_seq,
-        [str(i) for i in ids],
-        [str(n) for n in layers],
+        list(map(str, ids)),
+        list(map(str, layers)),
         norms,
         distinct,
         scale,
