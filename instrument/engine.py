@@ -46,6 +46,7 @@ __all__ = ["EngineError", "EngineResult", "GradNormEngine", "UnsupportedLayerErr
 
 CLIP_EPS = 1e-6  # Opacus adds this to the per-sample norm before dividing
 _FIRST = [0]  # Call.tapped for a single-tensor output (shared, never mutated)
+_PLAIN = Request()  # the request of an unrouted, unclipped pass (frozen, shared)
 
 
 class UnsupportedLayerError(ValueError):
@@ -437,7 +438,8 @@ class GradNormEngine:
             if grad_mode:
                 torch.set_grad_enabled(False)
             try:
-                res = lay.kernel(lay.module, calls, Request(scale=scale, deferred=clipping))
+                req = _PLAIN if scale is None and not clipping else Request(scale=scale, deferred=clipping)
+                res = lay.kernel(lay.module, calls, req)
             except Exception as exc:
                 self._error = EngineError(f"layer {lay.name!r} ({type(lay.module).__name__}): {exc}")
                 raise self._error from exc
@@ -463,7 +465,8 @@ class GradNormEngine:
             raise self._error
         call.grad_outputs = list(grads)
         call.done = True
-        self._queue_callback()
+        if not self._cb_queued:
+            self._queue_callback()
         lay.pending -= 1
         out: list[Tensor | None] = [None] * len(lay.plist)
         if lay.pending == 0:
@@ -561,14 +564,16 @@ class _Tap(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, engine: GradNormEngine, lay: _Layer, call: Call, n: int, *tensors: Tensor) -> Any:
-        ctx.engine, ctx.lay, ctx.call, ctx.n = engine, lay, call, n
+        ctx.info = (engine, lay, call)
         ctx.set_materialize_grads(False)
+        if len(tensors) == n + 1:
+            return (tensors[n].detach(),)
         return tuple(t.detach() for t in tensors[n:])
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor | None) -> Any:
-        param_grads = ctx.engine._backward(ctx.lay, ctx.call, grads)
-        return (None, None, None, None, *param_grads, *grads)
+        engine, lay, call = ctx.info
+        return (None, None, None, None, *engine._backward(lay, call, grads), *grads)
 
 
 _tap_raw = super(torch.autograd.Function, _Tap).apply  # the C++ apply, bound to _Tap

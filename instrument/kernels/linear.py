@@ -127,11 +127,11 @@ def _as_seq(t: Tensor) -> Tensor:
 
 
 def _linear_2d(x: Tensor, g: Tensor, want_bias: bool) -> LayerGrads:
-    """One call with 2-D input [b, d_in]: ‖g_i‖²(‖a_i‖² + [bias]) in five small in-place vector ops, and the
-    weight gradient as the one GEMM a plain backward runs (the hot path of an MLP: nothing else)."""
-    norm_sq = torch.linalg.vector_norm(g, dim=1).square_()
+    """One call with 2-D input [b, d_in]: ‖g_i‖²‖a_i‖² (+ ‖g_i‖² for the bias) in five small vector ops, and
+    the weight gradient as the one GEMM a plain backward runs (the hot path of an MLP: nothing else)."""
+    g_sq = torch.linalg.vector_norm(g, dim=1).square_()
     x_sq = torch.linalg.vector_norm(x, dim=1).square_()
-    norm_sq.mul_(x_sq.add_(1.0) if want_bias else x_sq)
+    norm_sq = torch.addcmul(g_sq, g_sq, x_sq) if want_bias else g_sq.mul_(x_sq)
 
     def grads(scale: Tensor | None) -> dict[str, Tensor]:
         gs = g if scale is None else g * scale.to(g.dtype).unsqueeze(1)
