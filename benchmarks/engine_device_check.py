@@ -24,6 +24,7 @@ import sys
 import time
 import types
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -49,7 +50,24 @@ def cuda_exactness(device: str = "cuda") -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from step_overhead import TinyGPT, Workload, mlp
 
-    from tests.support_engine import assert_rel_close, check_model, layer_of, oracle_grads, run_engine
+    from tests.support_engine import assert_rel_close, layer_of, oracle_grads, plain_grads, run_engine
+
+    def _check(model: nn.Module, x: torch.Tensor, red: str) -> Any:
+        """support_engine.check_model, with the oracle's norms formed on the model's device."""
+        with torch.no_grad():
+            target = torch.randn_like(model(x))
+        eng, norms, _, grads = run_engine(model, x, target, red)
+        per = oracle_grads(model, x, target)
+        ref = torch.zeros_like(norms)
+        for n, g in per.items():
+            ref[:, eng.layer_names.index(layer_of(n, eng.layer_names))] += (
+                g.reshape(g.shape[0], -1).square().sum(1)
+            )
+        assert_rel_close(norms, ref.sqrt(), 1e-6, "norms")
+        plain = plain_grads(model, x, target, red)
+        for n in plain:
+            assert_rel_close(grads[n], plain[n], 1e-6, f".grad of {n}")
+        return eng
 
     dev = torch.device(device)
     torch.manual_seed(0)
@@ -70,7 +88,7 @@ def cuda_exactness(device: str = "cuda") -> None:
         else:
             model = model.double()
         for red in ("mean", "sum"):
-            eng = check_model(model, x, red)
+            eng = _check(model, x, red)
         with torch.no_grad():
             target = torch.randn_like(model(x))
         w = torch.rand(x.shape[0], len(eng.layer_names), dtype=torch.float64, device=dev)
@@ -87,33 +105,42 @@ def cuda_exactness(device: str = "cuda") -> None:
 
 
 def gpu_overhead(batches: list[int], rounds: int) -> None:
+    """Plain vs norms (and routing) on the GPU, under each chunking setting of the kernels."""
     import step_overhead as so
 
+    base_mod: Any = sys.modules["_engine_only.kernels.base"]
+    conv_mod: Any = sys.modules["_engine_only.kernels.conv"]
+    configs = [("budget x1 (CPU chunks)", 1, "auto"), ("budget x64 (default)", 64, "auto"),
+               ("budget x64, conv by groups", 64, "groups")]  # fmt: skip
     dev = torch.device("cuda")
     print("GPU step time (CUDA-synchronised wall, median of rounds of 10 steps)")
-    for model in ("mlp", "cnn", "transformer"):
-        for b in batches:
-            base, x, y = so.Workload(model, b, False).build()
-            x, y = x.to(dev), y.to(dev)
-            fns = {n: so.VARIANTS[n](_copy(base).to(dev), x, y) for n in ("plain", "norms", "routing")}
-            times: dict[str, list[float]] = {n: [] for n in fns}
-            for fn in fns.values():
-                for _ in range(3):
-                    fn()
-            for _ in range(rounds):
-                for n, fn in fns.items():
-                    torch.cuda.synchronize()
-                    t0 = time.perf_counter()
-                    for _ in range(10):
+    for label, scale, mode in configs:
+        base_mod.ACCELERATOR_BUDGET_SCALE = scale
+        conv_mod.PER_SAMPLE_MODE = mode
+        names = ("plain", "norms", "routing") if scale == 64 and mode == "auto" else ("plain", "norms")
+        print(f" {label}")
+        for model in ("mlp", "cnn", "transformer"):
+            if mode == "groups" and model != "cnn":
+                continue
+            for b in batches:
+                base, x, y = so.Workload(model, b, False).build()
+                x, y = x.to(dev), y.to(dev)
+                fns = {n: so.VARIANTS[n](_copy(base).to(dev), x, y) for n in names}
+                times: dict[str, list[float]] = {n: [] for n in fns}
+                for fn in fns.values():
+                    for _ in range(3):
                         fn()
-                    torch.cuda.synchronize()
-                    times[n].append((time.perf_counter() - t0) / 10)
-            med = {n: statistics.median(v) for n, v in times.items()}
-            print(
-                f"  {model:<12}{b:>5}  plain {med['plain'] * 1e3:7.2f} ms  norms x{med['norms'] / med['plain']:.2f}"
-                f"  routing x{med['routing'] / med['plain']:.2f}",
-                flush=True,
-            )
+                for _ in range(rounds):
+                    for n, fn in fns.items():
+                        torch.cuda.synchronize()
+                        t0 = time.perf_counter()
+                        for _ in range(10):
+                            fn()
+                        torch.cuda.synchronize()
+                        times[n].append((time.perf_counter() - t0) / 10)
+                med = {n: statistics.median(v) for n, v in times.items()}
+                ratios = "  ".join(f"{n} x{med[n] / med['plain']:.2f}" for n in names[1:])
+                print(f"  {model:<12}{b:>5}  plain {med['plain'] * 1e3:7.2f} ms  {ratios}", flush=True)
 
 
 def _copy(m: nn.Module) -> nn.Module:

@@ -57,7 +57,20 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from instrument import GradNormEngine  # noqa: E402
+try:
+    from instrument import GradNormEngine
+except ImportError:  # e.g. a GPU image without the ledger's packages: the engine itself needs only torch
+
+    def _engine_alone() -> Any:
+        import importlib.machinery as _m
+        import importlib.util as _u
+
+        pkg = _u.module_from_spec(_m.ModuleSpec("_engine_alone", None, is_package=True))
+        pkg.__path__ = [str(Path(__file__).resolve().parent.parent / "instrument")]
+        sys.modules["_engine_alone"] = pkg
+        return importlib.import_module("_engine_alone.engine").GradNormEngine
+
+    GradNormEngine = _engine_alone()  # type: ignore[misc]
 
 # --------------------------------------------------------------------------- models and workloads
 
@@ -331,9 +344,8 @@ def measure_memory(wl: Workload, name: str, args: argparse.Namespace) -> tuple[f
     return float(got["peak_mib"]), float(got["static_mib"])
 
 
-def load_baseline_engine(path: str) -> Any:
+def load_baseline_engine(path: str, name: str = "_baseline_engine_pkg") -> Any:
     """``GradNormEngine`` from another copy of ``engine.py`` + ``kernels/`` (a directory holding both)."""
-    name = "_baseline_engine_pkg"
     pkg = importlib.util.module_from_spec(importlib.machinery.ModuleSpec(name, None, is_package=True))
     pkg.__path__ = [str(Path(path).resolve())]
     sys.modules[name] = pkg

@@ -101,6 +101,17 @@ class Request:
 # Budget (elements) for a chunk of materialised per-sample gradients; bounds a layer's extra memory
 # (2 MiB in float32: about L2-sized, so the norm and sum passes read the chunk back from cache).
 MATERIALISE_BUDGET = 1 << 19
+# On an accelerator a chunk is a handful of kernel launches whatever its size, and the budgets above (tuned
+# for a CPU's L2) made the CNN's conv layers hundreds of tiny launches: chunks there are this many times
+# larger (still a bound: 64 MiB for a conv layer in float32).
+ACCELERATOR_BUDGET_SCALE = 64
+
+
+def budget_for(base: int, device: torch.device) -> int:
+    """The chunk budget (elements) for tensors on ``device``."""
+    return base if device.type == "cpu" else base * ACCELERATOR_BUDGET_SCALE
+
+
 Validator = Callable[[str, nn.Module], None]
 
 KERNELS: dict[type[nn.Module], Kernel] = {}

@@ -22,6 +22,7 @@ from .base import (
     Call,
     LayerGrads,
     Request,
+    budget_for,
     register_kernel,
     scaled_rows,
     sq_norms,
@@ -140,7 +141,7 @@ def conv_kernel(module: nn.Module, calls: list[Call], req: Request) -> LayerGrad
     weight = module.weight.detach()
     if want_w:
         if gram:  # small feature maps: ⟨U Uᵀ, G Gᵀ⟩ over output positions, per group
-            chunk = max(1, MATERIALISE_BUDGET // (groups * (d_in * t + 2 * t * t)))
+            chunk = max(1, budget_for(MATERIALISE_BUDGET, dev) // (groups * (d_in * t + 2 * t * t)))
             for lo in range(0, b, chunk):
                 hi = min(b, lo + chunk)
                 us = [_unfold(x[lo:hi], is_1d, k, s, d, pad) for x, pad in inputs]
@@ -154,7 +155,7 @@ def conv_kernel(module: nn.Module, calls: list[Call], req: Request) -> LayerGrad
         else:  # materialise per-sample weight gradients, a bounded chunk of samples at a time
             by_groups = _grouped_backward_is_faster(module, t)
             per_row = weight.numel() + (0 if by_groups else groups * d_in * t)
-            chunk = max(1, MATERIALISE_BUDGET // per_row)
+            chunk = max(1, budget_for(MATERIALISE_BUDGET, dev) // per_row)
             if not req.deferred:
                 dw_acc = torch.zeros_like(weight)
             for lo in range(0, b, chunk):

@@ -24,6 +24,7 @@ from .base import (
     Call,
     LayerGrads,
     Request,
+    budget_for,
     register_kernel,
     scaled_rows,
     sq_norms,
@@ -97,7 +98,7 @@ def linear_parts(
         return norm_sq, gemm
 
     # materialise per-sample weight gradients, chunk by chunk, to bound memory
-    chunk = max(1, MATERIALISE_BUDGET // (d_in * d_out))
+    chunk = max(1, budget_for(MATERIALISE_BUDGET, g.device) // (d_in * d_out))
     eager_scale = None if req.deferred else req.scale
     dw_acc = None if req.deferred else torch.zeros(d_out, d_in, dtype=g.dtype, device=g.device)
     for s in range(0, b, chunk):
