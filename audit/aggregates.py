@@ -308,6 +308,14 @@ def sum_rows(rows: Iterable[Any], n_examples: int, n_layers: int, sel: Sequence[
 def _distinct_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(distinct rows in first-seen order, row index per sample): routing weights take few distinct rows."""
     w = np.ascontiguousarray(w, dtype="<f4")
+    width = 4 * w.shape[1]
+    if width and w.shape[0]:
+        # Rows compared as bytes (what the void view below compares) through a dict, whose insertion order is
+        # first-seen order: ~10x cheaper than np.unique's sort of void records at B=256.
+        raw = w.tobytes()
+        seen: dict[bytes, int] = {}
+        rank_l = [seen.setdefault(raw[i : i + width], len(seen)) for i in range(0, len(raw), width)]
+        return np.frombuffer(b"".join(seen), "<f4").reshape(-1, w.shape[1]), np.array(rank_l, dtype=np.intp)
     v = w.view(np.dtype((np.void, w.dtype.itemsize * w.shape[1]))).ravel()
     _, first, inv = np.unique(v, return_index=True, return_inverse=True)
     order = np.argsort(first, kind="stable")
