@@ -33,7 +33,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _load_engine() -> type:
-    """``instrument.engine`` without ``instrument/__init__`` (whose tracker needs the ledger's packages)."""
+    """``GradNormEngine``: from ``instrument`` where its dependencies are installed, else ``instrument/engine.py``
+    + ``kernels/`` alone (the GPU image lacks the ledger's packages), published as a stub ``instrument``."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from instrument import GradNormEngine
+
+        return GradNormEngine
+    except ImportError:
+        pass
     name = "_engine_only"
     pkg = importlib.util.module_from_spec(importlib.machinery.ModuleSpec(name, None, is_package=True))
     pkg.__path__ = [str(ROOT / "instrument")]
@@ -41,7 +49,7 @@ def _load_engine() -> type:
     cls = importlib.import_module(name + ".engine").GradNormEngine
     stub = types.ModuleType("instrument")
     stub.GradNormEngine = cls  # type: ignore[attr-defined]
-    sys.modules.setdefault("instrument", stub)
+    sys.modules["instrument"] = stub
     return cls
 
 
@@ -108,8 +116,9 @@ def gpu_overhead(batches: list[int], rounds: int) -> None:
     """Plain vs norms (and routing) on the GPU, under each chunking setting of the kernels."""
     import step_overhead as so
 
-    base_mod: Any = sys.modules["_engine_only.kernels.base"]
-    conv_mod: Any = sys.modules["_engine_only.kernels.conv"]
+    pkg = "_engine_only" if "_engine_only" in sys.modules else "instrument"
+    base_mod: Any = sys.modules[pkg + ".kernels.base"]
+    conv_mod: Any = sys.modules[pkg + ".kernels.conv"]
     configs = [("budget x1 (CPU chunks)", 1, "auto"), ("budget x64 (default)", 64, "auto"),
                ("budget x64, conv by groups", 64, "groups")]  # fmt: skip
     dev = torch.device("cuda")

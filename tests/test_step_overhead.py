@@ -36,3 +36,15 @@ def test_unknown_variant_is_a_usage_error(capsys: pytest.CaptureFixture[str]) ->
 
     assert step_overhead.main(["--quick", "--variants", "plain,nope", "--no-memory"]) == 2
     assert "unknown variants ['nope']" in capsys.readouterr().err
+
+
+def test_device_check_exactness_part_runs_on_cpu(capsys: pytest.CaptureFixture[str]) -> None:
+    """benchmarks/engine_device_check.py (meant for a GPU machine): its exactness part, dry-run on the CPU."""
+    import engine_device_check
+
+    argv = ["engine_device_check.py", "--quick", "--exact-device", "cpu", "--skip", "cpu,gpu"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", argv)
+        assert engine_device_check.main() == 0
+    out = capsys.readouterr().out
+    assert out.count("cpu exact:") == 5 and "match torch.func" in out
