@@ -292,7 +292,12 @@ def _report(res: VerifyResult, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the proof as JSON.")
 @_input_errors
 def prove_cmd(
-    ledger: str, seq: int | None, size: int | None, label_id: str | None, checkpoint_path: Path | None, as_json: bool
+    ledger: str,
+    seq: int | None,
+    size: int | None,
+    label_id: str | None,
+    checkpoint_path: Path | None,
+    as_json: bool,
 ) -> None:
     """Print an RFC 9162 inclusion proof that entry SEQ (or a label's record) is in the tree.
 
