@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import sys
+from typing import NoReturn
+
 import click
+
+
+def fail(msg: str, code: int = 2) -> NoReturn:
+    """The CLI's one-line error: ``error: ...`` on stderr, then exit ``code`` (2 = usage / unreadable input)."""
+    click.echo(f"error: {msg}", err=True)
+    sys.exit(code)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -8,25 +8,20 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, TypeVar
 
 import click
 
 from audit import progress
 from audit import run_analytics as ra
+from audit.cli import fail as _fail
 from audit.cli import main
 from ledger.errors import LedgerError
 from ledger.store import Ledger
 
 T = TypeVar("T")
-
-
-def _fail(msg: str) -> NoReturn:
-    click.echo(f"error: {msg}", err=True)
-    sys.exit(2)
 
 
 def _with_ledger(path: str, fn: Callable[[Ledger], T]) -> T:

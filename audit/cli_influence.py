@@ -7,16 +7,12 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 
+from audit.cli import fail as _fail
 from audit.cli import main
-
-
-def _fail(msg: str, code: int = 2) -> NoReturn:
-    click.echo(f"error: {msg}", err=True)
-    sys.exit(code)
 
 
 def resolve_ref(ref: str, what: str, source: str) -> Any:

@@ -3,23 +3,18 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
 from audit import progress
+from audit.cli import fail as _fail
 from audit.cli import main
 from ledger.errors import LedgerError
 from ledger.ingest import IngestError, PseudonymKeyError, ingest
 from ledger.ingest.reader import DEFAULT_MAX_ITEM_BYTES
 from ledger.ingest.suggestions import export_labelbox_mal, export_labelstudio_predictions, record_suggestions
-
-
-def _fail(msg: str) -> None:
-    click.echo(f"error: {msg}", err=True)
-    sys.exit(2)
 
 
 @main.group("ingest")

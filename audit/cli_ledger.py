@@ -12,11 +12,12 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, TypeVar
 
 import click
 
 from audit import progress
+from audit.cli import fail as _fail
 from audit.cli import main
 from ledger import keys, note
 from ledger.errors import LedgerError, LedgerInputError
@@ -25,11 +26,6 @@ from ledger.store import Ledger, VerifyResult
 F = TypeVar("F", bound=Callable[..., Any])
 
 LEDGER_HELP = "LEDGER is a SQLite file path, a sqlite:/// URL or a postgresql+psycopg:// URL."
-
-
-def _fail(msg: str, code: int = 2) -> NoReturn:
-    click.echo(f"error: {msg}", err=True)
-    sys.exit(code)
 
 
 def _input_errors(f: F) -> F:

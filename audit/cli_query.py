@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 
 from audit import query as q
+from audit.cli import fail as _fail
 from audit.cli import main
 from ledger.errors import LedgerError
 from ledger.store import Ledger
-
-
-def _fail(msg: str) -> NoReturn:
-    click.echo(f"error: {msg}", err=True)
-    sys.exit(2)
 
 
 def _with_ledger(path: str, fn: Callable[[Ledger], Any]) -> Any:
