@@ -140,6 +140,8 @@ def test_a_killed_rank_leaves_a_verifying_ledger_with_complete_steps(runs: Runs)
 
 def _rank_main(rank: int, world: int, port: int, tmp: str) -> None:
     """Two gloo ranks, no torchrun: "sum" trains as one process (summing comm hook); uneven "mean" is refused."""
+    import gc
+
     import torch
     import torch.distributed as dist
     from torch import nn
@@ -186,6 +188,11 @@ def _rank_main(rank: int, world: int, port: int, tmp: str) -> None:
         assert len(steps) == 1 and steps[0].example_ids == [f"e{i}" for i in range(8)]
         assert not list(led.steps("uneven"))
         led.close()
+    # Drop every holder of the process group (DDP reducers, trackers, the refused step's traceback) before
+    # destroying it: a gloo group torn down later, at interpreter exit, can abort the rank.
+    del tr, tr2, ddp, ddp2, opt, opt2
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 
