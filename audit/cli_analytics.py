@@ -17,8 +17,7 @@ import click
 from audit import progress
 from audit import run_analytics as ra
 from audit.cli import fail as _fail
-from audit.cli import main
-from ledger.errors import LedgerError
+from audit.cli import main, with_ledger
 from ledger.store import Ledger
 
 T = TypeVar("T")
@@ -28,20 +27,7 @@ def _with_ledger(path: str, fn: Callable[[Ledger], T]) -> T:
     """Open LEDGER, run ``fn``; input problems become one line on stderr and exit 2."""
     from audit.profiles_ledger import ProfileInputError
 
-    try:
-        led = Ledger.open(path)
-    except LedgerError as exc:
-        _fail(str(exc))
-    try:
-        return fn(led)
-    except ProfileInputError as exc:  # names its own file / field
-        _fail(str(exc))
-    except ra.AnalyticsError as exc:
-        _fail(f"{path}: {exc}")
-    except LedgerError as exc:
-        _fail(f"{path}: {exc}")
-    finally:
-        led.close()
+    return with_ledger(path, fn, errors=(ra.AnalyticsError,), verbatim=(ProfileInputError,))
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:

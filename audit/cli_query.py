@@ -10,24 +10,12 @@ import click
 
 from audit import query as q
 from audit.cli import fail as _fail
-from audit.cli import main
-from ledger.errors import LedgerError
+from audit.cli import main, with_ledger
 from ledger.store import Ledger
 
 
 def _with_ledger(path: str, fn: Callable[[Ledger], Any]) -> Any:
-    try:
-        led = Ledger.open(path)
-    except LedgerError as exc:
-        _fail(str(exc))
-    try:
-        return fn(led)
-    except q.QueryError as exc:
-        _fail(f"{path}: {exc}")
-    except LedgerError as exc:
-        _fail(f"{path}: {exc}")
-    finally:
-        led.close()
+    return with_ledger(path, fn, errors=(q.QueryError,))
 
 
 def _fmt(x: float | None, digits: int = 4) -> str:
