@@ -62,6 +62,7 @@ def _register() -> None:
     # Each module calls ``main.add_command`` (or uses ``@main.command``) at import time.
     from audit import (  # noqa: F401
         cli_analytics,
+        cli_archive,
         cli_demo,
         cli_export,
         cli_influence,

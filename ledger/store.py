@@ -335,6 +335,13 @@ class VerifyResult:
     indexers_checked: list[str] = field(default_factory=list)
     deep: bool = False
     seconds: float = 0.0
+    # ledger.archive: archived payloads (bytes in segment files): counts, re-hashed, segments not found
+    archive: dict[str, Any] | None = None
+
+    @property
+    def complete(self) -> bool:
+        """ok, and every archived payload's bytes were re-hashed from its segment (none left unchecked)."""
+        return self.ok and (self.archive is None or self.archive["rehashed"] == self.archive["payloads"])
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -353,6 +360,8 @@ class VerifyResult:
             "indexers_checked": self.indexers_checked,
             "deep": self.deep,
             "seconds": round(self.seconds, 6),
+            "archive": self.archive,
+            "complete": self.complete,
         }
 
 
@@ -493,14 +502,24 @@ class Ledger:
         self.location = display
         self.origin = origin
         self.dialect = engine.dialect.name
+        # where archived payloads' segment files are looked for first (ledger.archive); then the recorded dir
+        self.archive_dir: str | Path | None = None
 
     # -- opening ---------------------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path_or_url: str | Path, create: bool = False, *, origin: str | None = None) -> Ledger:
+    def open(
+        cls,
+        path_or_url: str | Path,
+        create: bool = False,
+        *,
+        origin: str | None = None,
+        archive_dir: str | Path | None = None,
+    ) -> Ledger:
         """Open a ledger; with ``create=True`` make one first if none is there (an existing one is opened).
 
-        ``origin`` (create only) overrides the generated ``gradledger.local/<uuid4>`` name.
+        ``origin`` (create only) overrides the generated ``gradledger.local/<uuid4>`` name. ``archive_dir``:
+        where to find archived payloads' segment files (``ledger.archive``).
         Raises LedgerNotFound (nothing there, or not a ledger; nothing is created), LedgerUnreadable.
         """
         engine, display = _engine_for(path_or_url, create)
@@ -518,6 +537,7 @@ class Ledger:
                     raise LedgerNotFound(f"{display}: not a gradledger ledger (no ledger tables)")
                 found = cls._create(engine, origin or f"gradledger.local/{uuid.uuid4()}")
             ledger = cls(engine, display, found)
+            ledger.archive_dir = archive_dir
             if create:
                 ledger.ensure_indexers()
             return ledger
@@ -702,7 +722,7 @@ class Ledger:
     def _rebuild_indexer(self, conn: Connection, ix: _indexers.Indexer, size: int) -> None:
         cursor = 0
         while cursor < size:
-            chunk = _read_chunk(conn, set(ix.kinds), cursor, size, READ_CHUNK, True)
+            chunk = self._unarchive(conn, _read_chunk(conn, set(ix.kinds), cursor, size, READ_CHUNK, True))
             if not chunk:
                 break
             ix.apply(conn, chunk)
@@ -733,7 +753,7 @@ class Ledger:
     def entry(self, seq: int) -> Entry:
         """The entry at ``seq`` (EntryNotFound if there is none)."""
         with self._read() as conn:
-            got = _read_chunk(conn, None, seq, seq + 1, 1, True)
+            got = self._unarchive(conn, _read_chunk(conn, None, seq, seq + 1, 1, True))
         if not got or got[0].seq != seq:
             raise EntryNotFound(f"{self.location}: no entry with seq {seq}")
         return got[0]
@@ -753,10 +773,20 @@ class Ledger:
             with self._read() as conn:
                 limit = end if end is not None else self._size(conn)
                 chunk = _read_chunk(conn, kinds, cursor, limit, READ_CHUNK, payloads)
+                if payloads:
+                    chunk = self._unarchive(conn, chunk)
             if not chunk:
                 return
             yield from chunk
             cursor = chunk[-1].seq + 1
+
+    def _unarchive(self, conn: Connection, chunk: list[Entry]) -> list[Entry]:
+        """Archived payloads (empty in the database) read back from their segment files (``ledger.archive``)."""
+        if any(not p.data for e in chunk for p in e._payloads):
+            from .archive import fill_archived
+
+            return fill_archived(self, conn, chunk)
+        return chunk
 
     def steps(self, run: str) -> Iterator[Any]:
         """Typed step records of one run (``ledger.records.iter_steps``)."""
@@ -859,6 +889,10 @@ class Ledger:
         replaced ledger). ``deep`` additionally parses every body (valid, canonical JSON object) and
         rebuilds every indexer's tables and compares them.
 
+        Archived payloads (``ledger.archive``: bytes moved to segment files) are re-hashed from their segments
+        when found under ``archive_dir`` or the recorded directory; otherwise their descriptors are still
+        checked against the leaves and they are counted in ``archive`` as not re-hashed (``complete`` False).
+
         Exact first bad seq for anything stored-vs-recomputed. Against a signed root the bad entry cannot
         be located from the root alone: the result names the narrowest range that signed anchors (the given
         checkpoint plus stored notes that verify under ``pubkey``) prove, and ``first_bad_seq`` is its start.
@@ -908,6 +942,9 @@ class Ledger:
         frames: dict[tuple[str, str, str], tuple[bytes, bytes]] = {}  # validated descriptor frames
         strings: dict[str, bytes] = {}  # kind / ts -> RFC 8785 string bytes
         hexlify = binascii.hexlify
+        from .archive import verify_view
+
+        arch = verify_view(self, conn)  # None unless entries were archived: payload bytes in segment files
         chunks = (
             _verify_chunks_sqlite(_driver(conn), n)
             if self.dialect == "sqlite"
@@ -934,15 +971,20 @@ class Ledger:
                         except TypeError as exc:
                             raise _Bad(seq, f"entry {seq}: payload {name!r} is not stored as bytes") from exc
                         if d != psha:
-                            raise _Bad(
-                                seq, f"entry {seq}: payload {name!r} bytes do not match their stored sha256"
-                            )
-                        size = len(data)
+                            if arch is None or data:
+                                raise _Bad(
+                                    seq,
+                                    f"entry {seq}: payload {name!r} bytes do not match their stored sha256",
+                                )
+                            size = arch.check(seq, name, dtype, shape, psha)  # archived: from its segment
+                            d = psha
+                        else:
+                            size = len(data)
+                            nbytes += size
                         if fits.get((dtype, shape)) != size:
                             _check_payload_shape(seq, name, dtype, shape, size)
                             fits[(dtype, shape)] = size
                         descs.append((name, dtype, shape, d, size))
-                        nbytes += size
                         npay += 1
                         pi += 1
                     try:
@@ -995,10 +1037,15 @@ class Ledger:
                 raise _Bad(
                     n, f"payload rows exist for entry {orphan} but the ledger ends at {n - 1} (tail deleted?)"
                 )
+            if arch is not None:
+                arch.finish()
         finally:
             res.entries_checked = expect
             res.payloads_checked = npay
             res.bytes_hashed = nbytes
+            if arch is not None:
+                res.archive = arch.summary()
+                res.bytes_hashed += arch.bytes_hashed
         if n == 0:
             raise _Bad(0, "the ledger has no entries (entry 0 is missing)")
         return leaves
