@@ -40,7 +40,18 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.hooks import RemovableHandle
 
-from .kernels import KERNELS, VALIDATORS, Call, Kernel, LayerGrads, Request, fallback_kernel, trainable
+from .kernels import (
+    CAPTURES,
+    KERNELS,
+    VALIDATORS,
+    Call,
+    Capture,
+    Kernel,
+    LayerGrads,
+    Request,
+    fallback_kernel,
+    trainable,
+)
 
 __all__ = ["EngineError", "EngineResult", "GradNormEngine", "UnsupportedLayerError"]
 
@@ -73,6 +84,7 @@ class _Layer:
     kernel: Kernel
     params: dict[str, nn.Parameter]  # trainable parameters this layer covers, by (relative) name
     subtree: bool  # fallback layers swap the parameters of their whole subtree
+    capture: Capture | None = None  # the kernel's forward-time capture (kernels.base.register_kernel)
     slots: list[tuple[nn.Module, str]] = field(default_factory=list)  # (owner module, attribute) per param
     plist: list[nn.Parameter] = field(default_factory=list)  # params.values(), precomputed for the hot path
     pnames: list[str] = field(default_factory=list)  # params.keys()
@@ -193,6 +205,7 @@ class GradNormEngine:
                     )
                 owner_of[id(p)] = name
             lay = _Layer(len(self._layers), name, module, kernel, params, subtree)
+            lay.capture = None if subtree else CAPTURES.get(type(module))
             lay.slots = (
                 [_owner_and_attr(module, n) for n in params] if subtree else [(module, n) for n in params]
             )
@@ -369,6 +382,8 @@ class GradNormEngine:
             if not output.is_floating_point():
                 return None
             call = Call(args, kwargs, None, 1, _FIRST, [(output.shape, output.dtype, output.device)])
+            if lay.capture is not None:
+                call.saved = lay.capture(output)
             (out,) = _tap(self, lay, call, len(lay.plist), *lay.plist, output)
             self._register_call(lay, call)
             return out
@@ -380,6 +395,8 @@ class GradNormEngine:
             return None
         meta = [(leaves[i].shape, leaves[i].dtype, leaves[i].device) for i in tapped]
         call = Call(args, kwargs, spec, len(leaves), tapped, meta)
+        if lay.capture is not None:
+            call.saved = lay.capture(output)
         outs = _tap(self, lay, call, len(lay.plist), *lay.plist, *(leaves[i] for i in tapped))
         for i, t in zip(tapped, outs, strict=True):
             leaves[i] = t

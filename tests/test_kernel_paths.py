@@ -90,7 +90,7 @@ def test_default_conv_mode_by_channels() -> None:
 
 @pytest.mark.parametrize("gram", [True, False])
 def test_linear_sequence_both_paths_exact(monkeypatch: pytest.MonkeyPatch, gram: bool) -> None:
-    monkeypatch.setattr(linear_mod, "use_gram", lambda t, d_in, d_out: gram)
+    monkeypatch.setattr(linear_mod, "use_gram", lambda t, d_in, d_out, deferred=False: gram)
     monkeypatch.setattr(linear_mod, "MATERIALISE_BUDGET", 50)  # several chunks when materialising
     model = nn.Sequential(nn.Linear(5, 7), nn.GELU(), nn.Linear(7, 3, bias=False)).double()
     x = torch.randn(4, 6, 5, dtype=torch.float64)
@@ -106,11 +106,13 @@ def test_linear_sequence_both_paths_exact(monkeypatch: pytest.MonkeyPatch, gram:
 
 
 def test_cost_model_measured_choices() -> None:
-    """The measured model keeps the flop rule's clear cases and fixes the two it got wrong on CPU."""
-    assert linear_mod.use_gram(32, 64, 512) and linear_mod.use_gram(32, 512, 512)
-    assert not linear_mod.use_gram(32, 64, 64)  # square and small: materialising measured cheaper
-    assert not linear_mod.use_gram(128, 512, 512)  # long sequence: Gram's T² loses
+    """The measured model's choices at T=32 (BENCHMARKS.md): materialise the transformer's layers, Gram for
+    wide square ones; long sequences materialise; per-sample clipping (no kept gradients) favours Gram."""
+    assert not linear_mod.use_gram(32, 64, 512) and not linear_mod.use_gram(32, 64, 64)
+    assert linear_mod.use_gram(32, 512, 512) and linear_mod.use_gram(16, 64, 256)
+    assert not linear_mod.use_gram(128, 512, 512)
     assert not linear_mod.use_gram(128, 64, 192)
+    assert linear_mod.use_gram(32, 64, 512, deferred=True)
     assert linear_mod.use_gram(1, 3, 3)
 
 
@@ -125,3 +127,25 @@ def test_embedding_repeats_in_some_rows_only() -> None:
     per = oracle_grads(model, idx, target)
     ref = per["0.weight"].reshape(3, -1).norm(dim=1)
     assert_rel_close(norms[:, 0], ref, 1e-9, "embedding norms")
+
+
+def test_layer_norm_saved_and_recomputed_statistics() -> None:
+    """LayerNorm's x̂ from the forward's saved mean/rstd (input requires grad) and recomputed (first layer on
+    raw data: no autograd node), both against the oracle; weight reuse mixes the two in one layer."""
+    from instrument.kernels import layer_norm as ln_mod
+
+    ln = nn.LayerNorm(5).double().requires_grad_(False)  # as in an armed call: parameters detached
+    assert ln_mod._saved_stats(ln(torch.randn(2, 5, dtype=torch.float64))) is None  # no node: recompute
+    assert ln_mod._saved_stats(ln(torch.randn(2, 5, dtype=torch.float64, requires_grad=True))) is not None
+
+    class TwoNorms(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.lin, self.ln = nn.LayerNorm(5), nn.Linear(5, 5), nn.LayerNorm(5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.ln(self.lin(self.first(x))) + self.ln(x)  # self.ln: saved, then recomputed
+
+    model = TwoNorms().double()
+    check_model(model, torch.randn(4, 3, 5, dtype=torch.float64) * 3 + 1, "mean")
+    check_model(model.float(), torch.randn(4, 3, 5) * 3 + 1, "sum", tol=1e-4)

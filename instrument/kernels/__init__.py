@@ -5,10 +5,12 @@ Importing this package fills ``KERNELS`` (type → kernel). See ``base.py`` for 
 
 from . import conv, embedding, group_norm, layer_norm, linear, rms_norm  # noqa: F401  (registration)
 from .base import (
+    CAPTURES,
     KERNELS,
     MATERIALISE_BUDGET,
     VALIDATORS,
     Call,
+    Capture,
     Kernel,
     LayerGrads,
     Request,
@@ -18,10 +20,12 @@ from .base import (
 from .fallback import fallback_kernel
 
 __all__ = [
+    "CAPTURES",
     "KERNELS",
     "MATERIALISE_BUDGET",
     "VALIDATORS",
     "Call",
+    "Capture",
     "Kernel",
     "LayerGrads",
     "Request",

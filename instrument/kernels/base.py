@@ -43,6 +43,7 @@ class Call:
     out_meta: list[tuple[torch.Size, torch.dtype, torch.device]]
     grad_outputs: list[Tensor | None] = field(default_factory=list)
     done: bool = False
+    saved: Any = None  # what the kernel's ``capture`` took from the call's output at forward (small tensors)
 
     @property
     def input(self) -> Tensor:
@@ -70,7 +71,7 @@ class Call:
         freed, i.e. past the end of backward; without this every layer's input and output gradient would
         stay resident until then, where plain autograd frees each as soon as its node has run.
         """
-        self.args, self.kwargs, self.grad_outputs = (), {}, []
+        self.args, self.kwargs, self.grad_outputs, self.saved = (), {}, [], None
 
 
 @dataclass
@@ -113,17 +114,24 @@ def budget_for(base: int, device: torch.device) -> int:
 
 
 Validator = Callable[[str, nn.Module], None]
+Capture = Callable[[Any], Any]
 
 KERNELS: dict[type[nn.Module], Kernel] = {}
 VALIDATORS: dict[type[nn.Module], Validator] = {}
+CAPTURES: dict[type[nn.Module], Capture] = {}
 
 
-def register_kernel(*types: type[nn.Module], validate: Validator | None = None) -> Callable[[Kernel], Kernel]:
+def register_kernel(
+    *types: type[nn.Module], validate: Validator | None = None, capture: Capture | None = None
+) -> Callable[[Kernel], Kernel]:
     """Register ``fn`` as the exact kernel for modules whose type is exactly one of ``types``.
 
     Subclasses are *not* matched: a subclass may override ``forward`` with other maths, so it goes to the
     exact ``torch.func`` fallback instead. ``validate(name, module)`` may raise at engine construction for
-    configurations the kernel cannot handle exactly (e.g. ``Embedding(sparse=True)``).
+    configurations the kernel cannot handle exactly (e.g. ``Embedding(sparse=True)``). ``capture(output)``
+    runs on each call's output in the forward pass and its result is kept as ``Call.saved`` (e.g. the
+    statistics a normalisation layer's autograd node saved, instead of recomputing them); it must keep no
+    large tensor alive and may return None (the kernel then recomputes).
     """
 
     def deco(fn: Kernel) -> Kernel:
@@ -131,6 +139,8 @@ def register_kernel(*types: type[nn.Module], validate: Validator | None = None) 
             KERNELS[t] = fn
             if validate is not None:
                 VALIDATORS[t] = validate
+            if capture is not None:
+                CAPTURES[t] = capture
         return fn
 
     return deco
@@ -179,3 +189,38 @@ def weighted_sum(per_sample: Tensor, scale: Tensor | None) -> Tensor:
     if scale is None:
         scale = torch.ones(per_sample.shape[0], dtype=per_sample.dtype, device=per_sample.device)
     return torch.tensordot(scale.to(per_sample.dtype), per_sample, dims=1)
+
+
+ChunkMaker = Callable[[int, int, Tensor], Tensor]
+
+
+def reduce_per_sample(
+    b: int, numel: int, chunk: int, make: ChunkMaker, norm_sq: Tensor, scale: Tensor | None, keep_sum: bool
+) -> Tensor | None:
+    """Norms and (optionally) the weighted sum of per-sample gradients materialised ``chunk`` samples at a time.
+
+    ``make(lo, hi, out)`` returns samples ``lo:hi``'s gradients as ``[hi - lo, numel]``, written into ``out``
+    (a view of one buffer reused by every chunk) when it can. Adds each sample's squared norm to ``norm_sq``;
+    returns ``Σ_i scale_i · g_i`` (flat, all-ones when ``scale`` is None) or None if not ``keep_sum``.
+
+    Why one reused buffer and ``addmv_``: a fresh chunk-sized tensor per chunk costs page faults and a
+    separate sum pass, which together cost as much as the batched per-sample product itself (CPU, T=32
+    transformer layers); a single GEMV per chunk sums into the accumulator while the chunk is still in
+    cache. The same GEMV runs with all-ones weights, so "example j routed out" stays bit-identical to
+    "example j's loss times zero".
+    """
+    dt, dev = norm_sq.dtype, norm_sq.device
+    chunk = max(1, min(b, chunk))
+    buf = torch.empty(chunk * numel, dtype=dt, device=dev)
+    acc = torch.zeros(numel, dtype=dt, device=dev) if keep_sum else None
+    w = None
+    if acc is not None:
+        w = torch.ones(b, dtype=dt, device=dev) if scale is None else scale.to(dt)
+    for lo in range(0, b, chunk):
+        hi = min(b, lo + chunk)
+        ps = make(lo, hi, buf[: (hi - lo) * numel])
+        norm_sq[lo:hi] += torch.linalg.vector_norm(ps, dim=1).square_()
+        if acc is not None:
+            assert w is not None
+            acc.addmv_(ps.t(), w[lo:hi])
+    return acc

@@ -25,6 +25,7 @@ from .base import (
     LayerGrads,
     Request,
     budget_for,
+    reduce_per_sample,
     register_kernel,
     scaled_rows,
     sq_norms,
@@ -35,19 +36,33 @@ from .base import (
 PartGrads = Callable[[Tensor | None], tuple[Tensor | None, Tensor | None]]
 
 
-def use_gram(t: int, d_in: int, d_out: int) -> bool:
+def use_gram(t: int, d_in: int, d_out: int, deferred: bool = False) -> bool:
     """Per layer, the cheaper exact way, by a cost model in units of the layer's weight-gradient GEMM.
 
     Gram: two batched T×T products, T²(d_in+d_out) flops per sample, i.e. r = T(d_in+d_out)/(d_in·d_out)
-    GEMMs; they ran ~1.2x less efficiently than the GEMM. Materialising replaces the GEMM by a batched
-    per-sample product (a short inner dim T) plus two passes over B·d_in·d_out for norms and sum: measured
-    ≈ 0.27 + 23.5/T GEMMs extra (1.0 at T=32, 0.45 at T=128). CPU, one thread, B=64, d in 64..512, T=32/128
-    (BENCHMARKS.md); the flop-only rule (Gram iff r <= 1) picked the slower way for 64x64 at T=32 and
-    512x512 at T=128.
+    GEMMs, measured at ~1.1·r extra. Materialising replaces the GEMM by the batched per-sample product
+    (the same flops, a short inner dim T) plus a norm and a GEMV pass over each chunk while it is in cache:
+    measured ≈ 12/T GEMMs extra (0.2-0.5 at T=32, 0.1-0.15 at T=128, ~1 at T=16). With per-sample
+    clipping (``deferred``) the per-sample gradients are not kept, so the GEMM runs as well: +1. CPU, one
+    thread, B=64, d in 32..512, T in 2..128 (BENCHMARKS.md); e.g. T=32: Gram for 512x512, materialise for
+    64x64 .. 64x512.
     """
     if t == 1:
         return True
-    return 1.2 * t * (d_in + d_out) / (d_in * d_out) <= 0.27 + 23.5 / t
+    return 1.1 * t * (d_in + d_out) / (d_in * d_out) <= 12.0 / t + (1.0 if deferred else 0.0)
+
+
+def _weight_gemm(x: Tensor, g: Tensor, scale: Tensor | None) -> Tensor:
+    """``Σ_i scale_i G_iᵀ X_i`` as the one GEMM a plain backward runs, over flattened rows [b·T, d].
+
+    The rows of whichever side is smaller are scaled (the same product, a smaller copy).
+    """
+    d_in, d_out = x.shape[-1], g.shape[-1]
+    if scale is not None and d_in < d_out:
+        x = scaled_rows(x, scale)
+    else:
+        g = scaled_rows(g, scale)
+    return g.reshape(-1, d_out).t().mm(x.reshape(-1, d_in))
 
 
 def linear_parts(
@@ -70,50 +85,37 @@ def linear_parts(
 
         return norm_sq, gemm_2d
     norm_sq = torch.zeros(b, dtype=g.dtype, device=g.device)
-    if want_bias:
-        gb = g[:, 0, :] if t == 1 else g.sum(1)
+    # per-sample bias gradients Σ_t G_it: their norms, and (a GEMV) the layer's bias gradient
+    gb = (g[:, 0, :] if t == 1 else g.sum(1)) if want_bias else None
+    if gb is not None:
         norm_sq += sq_norms(gb)
+
+    def bias(scale: Tensor | None) -> Tensor | None:
+        return None if gb is None else weighted_sum(gb, scale)
+
     if not want_weight:
+        return norm_sq, lambda scale: (None, bias(scale))
 
-        def bias_only(scale: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
-            return None, scaled_rows(g, scale).reshape(-1, d_out).sum(0)
+    if use_gram(t, d_in, d_out, req.deferred):
+        gram_x = torch.bmm(x, x.transpose(1, 2))
+        gram_g = torch.bmm(g, g.transpose(1, 2))
+        norm_sq += gram_x.mul_(gram_g).sum((1, 2))
+        del gram_x, gram_g
+        return norm_sq, lambda scale: (_weight_gemm(x, g, scale), bias(scale))
 
-        return norm_sq, bias_only
+    # materialise per-sample weight gradients G_iᵀ X_i, chunk by chunk, to bound memory
+    def make(lo: int, hi: int, out: Tensor) -> Tensor:
+        ps = torch.bmm(g[lo:hi].transpose(1, 2), x[lo:hi], out=out.view(hi - lo, d_out, d_in))
+        return ps.view(hi - lo, d_out * d_in)
 
-    if use_gram(t, d_in, d_out):
-        if t == 1:
-            norm_sq += sq_norms(g) * sq_norms(x)
-        else:
-            gram_x = torch.bmm(x, x.transpose(1, 2))
-            gram_g = torch.bmm(g, g.transpose(1, 2))
-            norm_sq += gram_x.mul_(gram_g).sum((1, 2))
-            del gram_x, gram_g
-
-        def gemm(scale: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
-            # the same GEMM autograd runs for a Linear weight: (G₂)ᵀ X₂ over flattened rows
-            g2 = scaled_rows(g, scale).reshape(-1, d_out)
-            dw = g2.t().mm(x.reshape(-1, d_in))
-            return dw, (g2.sum(0) if want_bias else None)
-
-        return norm_sq, gemm
-
-    # materialise per-sample weight gradients, chunk by chunk, to bound memory
-    chunk = max(1, budget_for(MATERIALISE_BUDGET, g.device) // (d_in * d_out))
+    chunk = budget_for(MATERIALISE_BUDGET, g.device) // (d_in * d_out)
     eager_scale = None if req.deferred else req.scale
-    dw_acc = None if req.deferred else torch.zeros(d_out, d_in, dtype=g.dtype, device=g.device)
-    for s in range(0, b, chunk):
-        ps = torch.bmm(g[s : s + chunk].transpose(1, 2), x[s : s + chunk])  # [c, d_out, d_in]
-        norm_sq[s : s + chunk] += sq_norms(ps)
-        if dw_acc is not None:
-            dw_acc += weighted_sum(ps, None if eager_scale is None else eager_scale[s : s + chunk])
-        del ps
+    dw = reduce_per_sample(b, d_in * d_out, chunk, make, norm_sq, eager_scale, keep_sum=not req.deferred)
 
     def from_parts(scale: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
-        db = scaled_rows(g, scale).reshape(-1, d_out).sum(0) if want_bias else None
-        if dw_acc is not None and scale is eager_scale:
-            return dw_acc, db
-        g2 = scaled_rows(g, scale).reshape(-1, d_out)
-        return g2.t().mm(x.reshape(-1, d_in)), db
+        if dw is not None and scale is eager_scale:
+            return dw.view(d_out, d_in), bias(scale)
+        return _weight_gemm(x, g, scale), bias(scale)
 
     return norm_sq, from_parts
 
