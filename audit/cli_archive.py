@@ -113,10 +113,11 @@ def _report(res: ArchiveResult, as_json: bool) -> None:
         click.echo(f"database {before:,} -> {after:,} bytes (vacuumed)")
     elif res.free_bytes_after is not None:
         click.echo(
-            f"database {after:,} bytes, of which {res.free_bytes_after:,} free pages reused by later appends "
-            "(--vacuum returns them to the file system)"
+            f"database {after:,} bytes: SQLite keeps the freed space inside its pages "
+            "(--vacuum rewrites the file and returns it)"
         )
     else:
         click.echo(
-            f"database tables {after:,} bytes; freed space is reused after (auto)vacuum (--vacuum: VACUUM FULL)"
+            f"database tables {after:,} bytes: (auto)vacuum makes the freed space reusable by later appends; "
+            "--vacuum runs VACUUM FULL payloads to return it to the file system"
         )

@@ -828,16 +828,20 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def database_bytes(ledger: Ledger) -> int:
-    """SQLite: the database file's pages (page_count x page_size). PostgreSQL: the ledger tables' total size."""
+    """SQLite: the database file's pages (page_count x page_size). PostgreSQL: the total relation size (with
+    TOAST and indexes) of every table in the ledger's schema (core and indexer tables)."""
     with ledger.engine.connect() as conn:
         if ledger.dialect == "sqlite":
             pc = conn.exec_driver_sql("PRAGMA page_count").scalar_one()
             ps = conn.exec_driver_sql("PRAGMA page_size").scalar_one()
             return int(pc) * int(ps)
-        total = 0
-        for t in schema.CORE_TABLES:
-            total += int(conn.exec_driver_sql(f"SELECT pg_total_relation_size('{t.name}')").scalar_one())
-        return total
+        return int(
+            conn.exec_driver_sql(
+                "SELECT COALESCE(SUM(pg_total_relation_size(c.oid)), 0) FROM pg_class c "
+                "JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE n.nspname = current_schema() AND c.relkind = 'r'"
+            ).scalar_one()
+        )
 
 
 def free_bytes(ledger: Ledger) -> int | None:

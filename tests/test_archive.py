@@ -519,3 +519,21 @@ def test_cli_archive_bad_input(tmp_path: Path) -> None:
         assert led.size == n and led.verify().archive is None
     with pytest.raises(ArchiveInputError, match="zstd level"):
         archive_run(Ledger.open(tmp_path / "l.db"), "exp", n, tmp_path / "o", level=0)
+
+
+def test_archive_bench_quick() -> None:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "archive_bench.py"
+    spec = importlib.util.spec_from_file_location("archive_bench", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.main(["--quick", "--json"])["sqlite"]
+    a = out["archive"]
+    assert a["entries"] == 200 and 600 <= a["payloads"] <= 800  # weight_index only in steps with 2+ rows
+    b = out["bytes"]
+    assert 200 * 64 * (16 * 4 + 4 + 1) <= b["raw_payloads"] <= 200 * 64 * (16 * 4 + 4 + 1 + 1)
+    assert b["db_after_vacuum"] < b["db_before"] and 0 < b["segments"]
+    assert out["verify_with_segments"]["MB_rehashed"] > b["raw_payloads"] / 1e6
+    assert out["verify_without_segments"]["payloads_not_rehashed"] == a["payloads"]
