@@ -1,6 +1,7 @@
 """Archival figures: database bytes before / after archiving a run's steps, segment bytes, archive and verify time.
 
-Builds a ledger of tracker-shaped step entries (the scale run's generator, ``benchmarks/scale.py``: B x L
+Builds a ledger of tracker-shaped step entries (the scale run's generator and schedule, ``benchmarks/scale.py``:
+1M examples x 10 epochs in shuffled batches; B x L
 ``grad_norms`` <f4 (gamma-distributed, like real norms), ``losses`` <f4, ``rules`` <i1, ``weight_index`` <u1;
 ~4 KB JSON body) with the query-aggregates indexer on, then archives every step (``ledger.archive.archive_run``)
 and reports:
@@ -14,8 +15,8 @@ and reports:
 * SQLite only: the ratio of full verify with segments to full verify of an unarchived copy of the same ledger,
   measured in interleaved rounds (median of ``--rounds``).
 
-    python benchmarks/archive_bench.py                    # SQLite, 4,000 steps at B=256, L=16 (~90 MB payloads)
-    python benchmarks/archive_bench.py --db postgres
+    python benchmarks/archive_bench.py                    # SQLite, the scale run: 39,062 steps, B=256, L=16
+    python benchmarks/archive_bench.py --db postgres --steps 10000
     python benchmarks/archive_bench.py --quick            # seconds
 """
 
@@ -52,7 +53,7 @@ def _fill(led: Ledger, a: argparse.Namespace) -> int:
     layers = [f"blocks.{i}.fc" for i in range(a.layers)]
     run_seq = led.append("run", scale._run_body(layers))
     chunk: list[Any] = []
-    for item in scale._steps(a.steps * a.batch, 1, a.batch, layers, run_seq, a.steps):
+    for item in scale._steps(a.examples, a.epochs, a.batch, layers, run_seq, a.steps):
         chunk.append(item)
         if len(chunk) == 16:
             led.append_many(chunk)
@@ -135,16 +136,20 @@ def bench(target: str, a: argparse.Namespace, work: Path, sqlite_path: Path | No
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--db", choices=["sqlite", "postgres", "both"], default="sqlite")
-    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--examples", type=int, default=1_000_000)
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=None, help="only the first N steps (default: all)")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved verify rounds (median)")
     ap.add_argument("--dir", default=None, help="work directory (default: a temporary one)")
-    ap.add_argument("--quick", action="store_true", help="200 steps at B=64, SQLite, one round")
+    ap.add_argument("--quick", action="store_true", help="8k examples x 2 epochs at B=64, SQLite, one round")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     if a.quick:
-        a.steps, a.batch, a.db, a.rounds = 200, 64, "sqlite", 1
+        a.examples, a.epochs, a.batch, a.db, a.rounds = 8192, 2, 64, "sqlite", 1
+    full = a.epochs * (a.examples // a.batch)
+    a.steps = min(full, a.steps or full)
     load = os.getloadavg()
     results: dict[str, Any] = {"load_avg_before": [round(x, 2) for x in load]}
     with tempfile.TemporaryDirectory(dir=a.dir) as tmp:

@@ -531,9 +531,9 @@ def test_archive_bench_quick() -> None:
     spec.loader.exec_module(mod)
     out = mod.main(["--quick", "--json"])["sqlite"]
     a = out["archive"]
-    assert a["entries"] == 200 and 600 <= a["payloads"] <= 800  # weight_index only in steps with 2+ rows
+    assert a["entries"] == 256 and 3 * 256 <= a["payloads"] <= 4 * 256  # weight_index: steps with 2+ rows
     b = out["bytes"]
-    assert 200 * 64 * (16 * 4 + 4 + 1) <= b["raw_payloads"] <= 200 * 64 * (16 * 4 + 4 + 1 + 1)
+    assert 256 * 64 * (16 * 4 + 4 + 1) <= b["raw_payloads"] <= 256 * 64 * (16 * 4 + 4 + 1 + 1)
     assert b["db_after_vacuum"] < b["db_before"] and 0 < b["segments"]
     assert out["verify_with_segments"]["MB_rehashed"] > b["raw_payloads"] / 1e6
     assert out["verify_without_segments"]["payloads_not_rehashed"] == a["payloads"]
