@@ -39,6 +39,7 @@ skipped, deterministically.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 from collections.abc import Iterable, Sequence
@@ -63,7 +64,8 @@ from sqlalchemy import (
 
 from ledger import indexers
 from ledger import schema as ledger_schema
-from ledger.records import step_weights
+from ledger.canonical import payload_array
+from ledger.records import RunSteps, RunTable, step_weights
 
 NAME = "query_aggregates"
 METRICS = ("update", "self_influence", "weight")
@@ -340,6 +342,19 @@ _ID_CACHE: dict[bytes, _IdCache] = {}
 _ID_CACHE_RUNS = 4
 
 
+@dataclass
+class _TableCache:
+    """A run's example table (step v 3) as read from the ledger's entries up to the step entry ``through``."""
+
+    table: RunTable
+    through: int  # seq of the last step of the run read into ``table`` (-1: none)
+    leaf: bytes | None  # its leaf hash
+
+
+_TABLE_CACHE: dict[bytes, _TableCache] = {}  # run entry's leaf hash -> its example table
+_RUN_STEPS: dict[bytes, RunSteps | None] = {}  # run entry's leaf hash -> layers / weight table (immutable)
+
+
 # ----- the indexer --------------------------------------------------------------------------------------
 
 
@@ -357,6 +372,7 @@ class _Run:
     leaf_hash: bytes
     dirty: bool = False
     ids_checked: bool = False  # the id cache was validated against this transaction's tables
+    table_checked: bool = False  # the example-table cache was validated against this transaction's entries
 
 
 class QueryAggregates:
@@ -438,11 +454,32 @@ class QueryAggregates:
     def _add_step(
         self, conn: Connection, e: Any, cache: dict[int, _Run], pending: list[tuple[Any, ...]]
     ) -> None:
-        parsed = _parse_step(e)
+        r: _Run | None = None
+        via_table: tuple[list[str], np.ndarray | None, RunSteps] | None = None
+        if (
+            "example_ids" not in e.body
+        ):  # step v 3: ids through the run's example table, which every step extends
+            run_seq = e.body.get("run_seq")
+            r = self._run(conn, run_seq, cache) if type(run_seq) is int else None
+            if r is None:
+                return
+            run_steps = _run_steps(conn, r)
+            try:
+                ids, rule_ids = self._table(conn, r, e.seq).read(e.seq, e.body, e.payloads)
+            except ValueError:
+                return
+            finally:
+                t = _TABLE_CACHE.get(r.leaf_hash)
+                if t is not None:
+                    t.through, t.leaf = e.seq, e.leaf_hash
+            if run_steps is None:
+                return
+            via_table = (ids, rule_ids, run_steps)
+        parsed = _parse_step(e, via_table)
         if parsed is None:
             return
         run_seq, ids, layer_names, norms, (wtab, wrow), scale_clip, lr, mb, epoch, step = parsed
-        r = self._run(conn, run_seq, cache)
+        r = r or self._run(conn, run_seq, cache)
         if r is None or layer_names != r.layers:
             return
         b = len(ids)
@@ -470,6 +507,30 @@ class QueryAggregates:
         if r.n_samples - r.folded_samples >= max(FOLD_MIN_SAMPLES, FOLD_EPOCHS * r.n_examples):
             self._flush(conn, cache, pending)
             self._fold(conn, r, e.seq)
+
+    def _table(self, conn: Connection, r: _Run, seq: int) -> RunTable:
+        """The run's example table as the entries before ``seq`` define it (step v 3).
+
+        Cached in-process per run (rebuilding it reads every earlier step of the run). The cache is trusted while
+        it ends before ``seq`` and, checked once per ``apply``, the entry it ends at still has the leaf hash it
+        saw (which commits to every earlier entry); steps appended since by others are read in. Otherwise (a
+        rolled-back append, a rebuild from the start) the table is read again from the run's steps."""
+        c = _TABLE_CACHE.get(r.leaf_hash)
+        if c is not None and (
+            c.through >= seq or (not r.table_checked and _leaf_at(conn, c.through) != c.leaf)
+        ):
+            c = None
+        if c is None:
+            c = _TableCache(RunTable(), -1, None)
+            _TABLE_CACHE.pop(r.leaf_hash, None)
+            while len(_TABLE_CACHE) >= _ID_CACHE_RUNS:
+                _TABLE_CACHE.pop(next(iter(_TABLE_CACHE)))
+            _TABLE_CACHE[r.leaf_hash] = c
+            _read_steps(conn, r.run_seq, c, r.run_seq, seq)
+        elif not r.table_checked:
+            _read_steps(conn, r.run_seq, c, c.through, seq)
+        r.table_checked = True
+        return c.table
 
     def _indices(self, conn: Connection, r: _Run, ids: list[str], seq: int, leaf: bytes) -> np.ndarray:
         """Dense per-run example indices, assigned in first-seen order (new ids are inserted now).
@@ -671,13 +732,23 @@ def _int_or_none(x: Any) -> int | None:
     return int(x) if isinstance(x, int) and not isinstance(x, bool) else None
 
 
-def _parse_step(e: Any) -> tuple[Any, ...] | None:
-    """The fields a tracker step carries, or None for a step entry that is not one (skipped)."""
+def _parse_step(
+    e: Any, via_table: tuple[list[str], np.ndarray | None, RunSteps] | None
+) -> tuple[Any, ...] | None:
+    """The fields a tracker step carries, or None for a step entry that is not one (skipped). ``via_table``:
+    a v 3 step's (ids, rule ids) read through its run's example table, and what it takes from its run entry."""
     b = e.body
+    rule_ids: np.ndarray | None = None
+    run_table: np.ndarray | None = None
     try:
         run_seq = b["run_seq"]
-        ids = b["example_ids"]
-        layers = b["layers"]
+        if via_table is None:
+            ids = b["example_ids"]
+            layers = b["layers"]
+        else:
+            ids, rule_ids, run = via_table
+            layers = b.get("layers", run.layers)
+            run_table = run.weight_table
         lr_raw = b["lr"]
         epoch = b["epoch"]
         step = b["step"]
@@ -686,6 +757,8 @@ def _parse_step(e: Any) -> tuple[Any, ...] | None:
         return None
     if not (isinstance(run_seq, int) and isinstance(ids, list) and isinstance(layers, list)):
         return None
+    if via_table is not None and not isinstance(lr_raw, list):  # v 3: one learning rate for every layer
+        lr_raw = [lr_raw] * len(layers)
     if not (isinstance(epoch, int) and isinstance(step, int) and isinstance(lr_raw, list)):
         return None
     pl = e.payloads
@@ -694,19 +767,29 @@ def _parse_step(e: Any) -> tuple[Any, ...] | None:
     if norms is None or norms.shape != (b_, n_l):
         return None
     rows = b.get("weight_rows")
+    one_row = rows if isinstance(rows, list) else None
+    if via_table is not None and rows is None and run_table is not None and len(run_table) == 1:
+        one_row = run_table.tolist()  # v 3: the run's single row (no policy)
     distinct: tuple[np.ndarray, np.ndarray]
-    if "weights" not in pl and "weight_index" not in pl and isinstance(rows, list) and len(rows) == 1:
+    if (
+        "weights" not in pl
+        and "weight_index" not in pl
+        and "rule_rows" not in b
+        and one_row
+        and len(one_row) == 1
+    ):
         # one routing-weight row for the whole batch (v2 compact form, what ``step_weights`` would repeat B
         # times): that row is the distinct table and every sample uses row 0, as ``_distinct_rows`` finds
         try:
-            table = np.array(rows, dtype=np.float32)
+            table = np.array(one_row, dtype=np.float32)
         except (TypeError, ValueError):
             return None
         if table.ndim != 2 or table.shape[1] != n_l:
             return None
         distinct = (table, np.zeros(b_, dtype=np.intp))
     else:
-        weights = step_weights(b, pl)  # v1 payload or v2 compact rows with an index
+        # v1 payload, v2 compact rows with an index, v3 rows by rule or the run's table
+        weights = step_weights(b, pl, rule_ids, b=b_, n_layers=n_l, run_table=run_table)
         if weights is None or weights.shape != (b_, n_l):
             return None
         distinct = _distinct_rows(weights)
@@ -731,6 +814,56 @@ def _parse_step(e: Any) -> tuple[Any, ...] | None:
         epoch,
         step,
     )
+
+
+def _run_steps(conn: Connection, r: _Run) -> RunSteps | None:
+    """Layers and weight table of the run entry (cached by its leaf hash: an entry never changes)."""
+    if r.leaf_hash not in _RUN_STEPS:
+        e = ledger_schema.entries
+        row = conn.execute(select(e.c.kind, e.c.body).where(e.c.seq == r.run_seq)).first()
+        found = None
+        if row is not None and row[0] == "run":
+            found = RunSteps.from_body(json.loads(bytes(row[1])))
+        while len(_RUN_STEPS) >= 64:
+            _RUN_STEPS.pop(next(iter(_RUN_STEPS)))
+        _RUN_STEPS[r.leaf_hash] = found
+    return _RUN_STEPS[r.leaf_hash]
+
+
+_TABLE_PAYLOADS = ("example_index", "rules")
+
+
+def _read_steps(conn: Connection, run_seq: int, c: _TableCache, after: int, before: int) -> None:
+    """Read the run's step entries with ``after < seq < before`` into the cached example table, in seq order."""
+    e, p = ledger_schema.entries, ledger_schema.payloads
+    lo = after
+    while lo < before - 1:
+        q = (
+            select(e.c.seq, e.c.body, e.c.leaf_hash)
+            .where(e.c.kind == "step", e.c.seq > lo, e.c.seq < before)
+            .order_by(e.c.seq)
+            .limit(_READ_CHUNK)
+        )
+        rows = conn.execute(q).all()
+        if not rows:
+            return
+        for seq, raw, leaf in rows:
+            body = json.loads(bytes(raw))
+            if body.get("run_seq") != run_seq or "example_ids" in body:
+                continue
+            pq = select(p.c.name, p.c.dtype, p.c.shape, p.c.data).where(
+                p.c.seq == seq, p.c.name.in_(_TABLE_PAYLOADS)
+            )
+            pls = {n: payload_array(dt, sh, bytes(d)) for n, dt, sh, d in conn.execute(pq)}
+            with contextlib.suppress(
+                ValueError
+            ):  # a malformed step: the table took what it could, as a reader's
+                c.table.read(int(seq), body, pls)
+            c.through, c.leaf = int(seq), bytes(leaf)
+        lo = int(rows[-1][0])
+
+
+_READ_CHUNK = 2000
 
 
 INDEXER = indexers.register(QueryAggregates())

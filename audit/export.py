@@ -51,7 +51,15 @@ from ledger import merkle, note, schema
 from ledger.canonical import ENTRY_PREFIX, canonical_json, payload_array
 from ledger.errors import LedgerInputError
 from ledger.keys import VerifierKey, as_signer, as_verifier, key_id
-from ledger.records import CheckpointRecord, RunRecord, StepRecord, checkpoints, run_record
+from ledger.records import (
+    CheckpointRecord,
+    RunRecord,
+    RunSteps,
+    StepReader,
+    StepRecord,
+    checkpoints,
+    run_record,
+)
 from ledger.store import Ledger
 from ledger.tree import LevelTree
 
@@ -228,9 +236,10 @@ class _Cited:
 
 
 def _steps_of(ledger: Ledger, run: RunRecord) -> Iterable[StepRecord]:
+    reader = StepReader(lambda seq: RunSteps.from_body(run.body) if seq == run.seq else None)
     for e in ledger.entries(kind="step", start=run.seq):
         if e.body.get("run_seq") == run.seq:
-            yield StepRecord.from_entry(e)
+            yield reader.record(e)
 
 
 def _covers(export_body: dict[str, Any], label_seqs: Iterable[int]) -> bool:
@@ -667,11 +676,15 @@ def _recompute(st: dict[str, Any], ev: dict[int, _EvEntry], rep: ExportReport) -
     run_p = p["run"] if isinstance(p["run"], dict) else {}
     run_e = _need(ev, run_p.get("seq"), "run", "the run entry")
     run = RunRecord.from_entry(run_e)
-    steps = [
-        StepRecord.from_entry(e)
-        for s, e in sorted(ev.items())
-        if e.kind == "step" and e.body.get("run_seq") == run.seq
-    ]
+    reader = StepReader(lambda seq: RunSteps.from_body(run.body) if seq == run.seq else None)
+    try:  # in seq order: a step v 3 reads its ids through the run's example table, built by the earlier steps
+        steps = [
+            reader.record(e)
+            for s, e in sorted(ev.items())
+            if e.kind == "step" and e.body.get("run_seq") == run.seq
+        ]
+    except ValueError as exc:
+        raise _fail("evidence", f"the run's step entries do not read: {exc}") from exc
     cps = [
         CheckpointRecord.from_entry(e)
         for _, e in sorted(ev.items())

@@ -70,10 +70,12 @@ class TrainingStep:
     payloads: Mapping[str, np.ndarray]  # ``sketch.<layer>`` / ``g.<layer>`` / ``a.<layer>``
 
     @classmethod
-    def from_entry(cls, entry: Any) -> TrainingStep:
+    def from_entry(cls, entry: Any, reader: Any = None) -> TrainingStep:
+        """From a step entry; ``reader`` (a ``ledger.records.StepReader`` fed the run's steps in ledger order)
+        is needed for step v 3, whose ids refer to the run's example table."""
         from ledger.records import StepRecord
 
-        rec = StepRecord.from_entry(entry)
+        rec = StepRecord.from_entry(entry) if reader is None else reader.record(entry)
         return cls(
             rec.seq, rec.step, rec.epoch, rec.example_ids, rec.layers, rec.lr, rec.weights, rec.clip_factors,
             entry.payloads,
@@ -468,9 +470,12 @@ def influence(
         return {k: v.detach().to("cpu", torch.float64).numpy() for k, v in out.items()}
 
     def steps() -> Iterator[TrainingStep]:
+        from ledger.records import StepReader, ledger_runs
+
+        reader = StepReader(ledger_runs(ledger))
         for e in ledger.entries(kind="step"):
             if e.body.get("run") == run:
-                yield TrainingStep.from_entry(e)
+                yield TrainingStep.from_entry(e, reader)
 
     table = tracin_scores(steps, seqs, windows, query, use, top, combine=combine)
     prov = provenance if provenance is not None else _manifest(ledger, rec)

@@ -478,9 +478,11 @@ def _label_profile(
     per_epoch: dict[int, dict[str, Any]] = {}
     weights: dict[tuple[float, ...], int] = {}
     excluded = 0
+    positions: dict[int, list[int]] = {}
     for sd in _step_rows(conn, info, list(range(n_l)), s.c.seq.in_(hit_seqs)) if hit_seqs else ():
         u, si, ok = agg.contributions(sd)
         pos = np.flatnonzero(sd.idx == ex_idx)
+        positions[sd.seq] = pos.tolist()
         ep = per_epoch.setdefault(
             sd.epoch,
             {"epoch": sd.epoch, "sample_steps": 0, "update": np.zeros(n_l), "self_influence": np.zeros(n_l)},
@@ -492,7 +494,7 @@ def _label_profile(
             excluded += int((~ok[:, p]).sum())
             w = tuple(float(x) for x in sd.weights[:, p])
             weights[w] = weights.get(w, 0) + 1
-    rules = _rules(ledger, info, hit_seqs, ex)
+    rules = _rules(ledger, info, positions, ex)
     total_u = sum((e["update"] for e in per_epoch.values()), np.zeros(n_l))
     total_s = sum((e["self_influence"] for e in per_epoch.values()), np.zeros(n_l))
     return {
@@ -516,22 +518,27 @@ def _label_profile(
     }
 
 
-def _rules(ledger: Ledger, info: _RunInfo, seqs: list[int], ex: str) -> list[dict[str, Any]]:
-    """The policy rule(s) the example matched in these steps (from the step entries' ``rules`` payloads)."""
-    if info.policy_seq is None or not seqs:
+def _rules(ledger: Ledger, info: _RunInfo, positions: dict[int, list[int]], ex: str) -> list[dict[str, Any]]:
+    """The policy rule(s) the example matched in these steps ({seq: its rows}, from ``qa_steps``): a step's
+    ``rules`` payload, or for a step v 3 without one the rule the run's example table holds for the example
+    (its ``rules`` value in the step that brought it in, which is its first step)."""
+    if info.policy_seq is None or not positions:
         return []
     from instrument.policy import Policy
 
     policy = Policy.from_entry(ledger, int(info.policy_seq))
     counts: dict[int, int] = {}
-    for seq in seqs:
+    table_rule: int | None = None
+    for seq, rows in sorted(positions.items()):
         e = ledger.entry(seq)
         rules = e.payloads.get("rules")
-        if rules is None:
-            continue
-        for p, x in enumerate(e.body["example_ids"]):
-            if x == ex:
+        if rules is not None:
+            if table_rule is None and ex in e.body.get("new_ids", ()):
+                table_rule = int(rules[rows[0]])
+            for p in rows:
                 counts[int(rules[p])] = counts.get(int(rules[p]), 0) + 1
+        elif "example_ids" not in e.body and table_rule is not None:
+            counts[table_rule] = counts.get(table_rule, 0) + len(rows)
     return [
         {"rule": r, "name": policy.rule_name(r), "policy": policy.name, "sample_steps": c}
         for r, c in sorted(counts.items())

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import statistics
 import sys
@@ -44,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from audit import aggregates, query  # noqa: E402
 from ledger import merkle  # noqa: E402
-from ledger.records import STEP_VERSION, encode_weights  # noqa: E402
+from ledger.records import STEP_VERSION, StepEncoder, encode_weights  # noqa: E402
 from ledger.store import Ledger  # noqa: E402
 
 PG_URL = os.environ.get("GRADLEDGER_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -60,6 +61,7 @@ def _run_body(layers: list[str]) -> dict[str, Any]:
         "loss_reduction": "mean",
         "policy_seq": None,
         "manifest_seq": None,
+        **StepEncoder(layers, _weight_table(len(layers))).run_fields(),
     }
 
 
@@ -67,23 +69,43 @@ def _schedule(n_ex: int, epochs: int, b: int) -> int:
     return epochs * (n_ex // b)
 
 
-def _steps(n_ex: int, epochs: int, b: int, layers: list[str], run_seq: int, limit: int) -> Iterator[Any]:
-    """Tracker-shaped step entries (kind, body, payloads, v) in schedule order, at most ``limit``."""
+def _weight_table(n_l: int) -> np.ndarray:
+    """The run's policy bound to the layers: rule 0 all layers, rule 1 the first half, default (-1) none."""
+    half = [1.0] * (n_l // 2) + [0.0] * (n_l - n_l // 2)
+    return np.array([[1.0] * n_l, half, [0.0] * n_l], np.float32)
+
+
+def _steps(
+    n_ex: int, epochs: int, b: int, layers: list[str], run_seq: int, limit: int, fmt: int = STEP_VERSION
+) -> Iterator[Any]:
+    """Tracker-shaped step entries (kind, body, payloads, v) in schedule order, at most ``limit``.
+
+    Built as ``instrument.tracker`` builds them: the full (v 2 shaped) body and payloads, then, for step v 3,
+    ``StepEncoder.encode`` (``fmt=2`` keeps the v 2 form, for a same-run before/after). A shuffled pass over the
+    examples per epoch; one policy rule per example (the tracker routes each id once), weights from the run's
+    table by rule; a cosine learning-rate schedule shared by all layers; random float64 update norms (as
+    measured values are: full-precision JSON numbers); gamma-distributed norms and uniform losses."""
     rng = np.random.default_rng(1)
     n_l = len(layers)
-    wtab = np.array([[1.0] * n_l, [1.0] * (n_l // 2) + [0.0] * (n_l - n_l // 2), [0.0] * n_l], np.float32)
+    wtab = _weight_table(n_l)
+    rule_of = rng.choice([-1, 0, 1], size=n_ex, p=[0.8, 0.15, 0.05]).astype("<i1")  # -1 = the default
+    total = _schedule(n_ex, epochs, b)
+    enc = StepEncoder(layers, wtab)
     k = 0
     for epoch in range(epochs):
         order = rng.permutation(n_ex)
         for s in range(0, n_ex - b + 1, b):
             if k >= limit:
                 return
-            rules = rng.choice(3, size=b, p=[0.8, 0.15, 0.05]).astype("<i1") - 1  # -1 = default row
-            rows, index = encode_weights(wtab[rules + 1])
-            body = {
+            rows_at = order[s : s + b]
+            rules = rule_of[rows_at]
+            weights = wtab[np.where(rules < 0, len(wtab) - 1, rules)]
+            rows, index = encode_weights(weights)
+            lr = 0.05 * (1 + math.cos(math.pi * k / total))
+            body: dict[str, Any] = {
                 "run": RUN, "run_seq": run_seq, "step": k, "epoch": epoch,
-                "example_ids": [f"ex-{i:07d}" for i in order[s : s + b]], "layers": layers,
-                "micro_batches": [b], "lr": [0.1] * n_l, "update_norms": [0.01] * n_l, "policy_seq": None,
+                "example_ids": [f"ex-{i:07d}" for i in rows_at], "layers": layers, "micro_batches": [b],
+                "lr": [lr] * n_l, "update_norms": (rng.random(n_l) * 0.01).tolist(), "policy_seq": None,
                 "flags": {}, "weight_rows": rows,
             }  # fmt: skip
             payloads = {
@@ -93,7 +115,10 @@ def _steps(n_ex: int, epochs: int, b: int, layers: list[str], run_seq: int, limi
             }
             if index is not None:
                 payloads["weight_index"] = index
-            yield ("step", body, payloads, STEP_VERSION)
+            if fmt == 2:
+                yield ("step", body, payloads, 2)
+            else:
+                yield ("step", *enc.encode(body, payloads, weights), STEP_VERSION)
             k += 1
 
 
@@ -181,7 +206,7 @@ def bench(target: str, a: argparse.Namespace, sqlite_path: Path | None) -> dict[
         payload_bytes += sum(arr.nbytes for _, _, pl, _ in chunk for arr in pl.values())
         chunk.clear()
 
-    for item in _steps(a.examples, a.epochs, a.batch, layers, run_seq, limit):
+    for item in _steps(a.examples, a.epochs, a.batch, layers, run_seq, limit, a.step_format):
         chunk.append(item)
         n += 1
         if len(chunk) == a.chunk:
@@ -286,6 +311,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", default=None, help="where the SQLite file goes (default: a temp dir)")
     ap.add_argument("--quick", action="store_true", help="8k examples x 2 epochs, B=64, SQLite")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument(
+        "--step-format",
+        type=int,
+        choices=[2, STEP_VERSION],
+        default=STEP_VERSION,
+        help="2: the previous format",
+    )
+    ap.add_argument("--keep", action="store_true", help="keep the SQLite file (for inspection)")
     a = ap.parse_args(argv)
     if a.quick:
         a.examples, a.epochs, a.batch, a.db = 8192, 2, 64, "sqlite"
@@ -300,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
             out["sqlite"] = bench(str(path), a, path)
         finally:
             for p in d.glob(path.name + "*"):
-                p.unlink()
+                if not a.keep:
+                    p.unlink()
     if a.db in ("postgres", "both"):
         schema, (admin, url) = _pg_schema()
         try:
