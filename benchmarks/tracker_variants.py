@@ -1,24 +1,46 @@
-"""The tracker's variants for ``benchmarks/step_overhead.py``: the whole product path of one training step.
+"""The tracker's variants for ``benchmarks/step_overhead.py``, and the tracker's own benchmark (this file's main).
+
+Variants (``register(variant)`` adds them to ``step_overhead.py``'s table):
 
     ledger          instrument.attach: per-sample per-layer norms, per-sample losses and margins, update
                     norms, and one step entry appended to a SQLite ledger inside the step (``max_pending=0``),
-                    so the step's CPU time includes all the append's work (canonical JSON, hashing, SQL) and
-                    its wall time the commit's fsync
+                    so the step's CPU time includes all the append's work (canonical JSON, hashing, SQL,
+                    query-aggregates indexer) and its wall time the commit's fsync
     ledger_routing  the same under a routing policy: provenance looked up in a manifest of ingested labels,
                     weights [B, L] from the demo's consensus/review/rights/gold rules, routed .grad
-    ledger_async    ``ledger`` with the tracker's default background writer (queue of 8 steps): the commit
-                    overlaps the next steps. Read its WALL time; its CPU time leaves out the writer thread.
+    ledger_async    the tracker's default: the background writer builds, encodes and appends the step entries
+                    (group commit, see ``instrument.tracker.StepWriter``). The training thread's CPU time
+                    leaves out the writer thread: read the main benchmark below for both.
 
-``register(variant)`` adds them to the benchmark's table; ``step_overhead.py`` calls it. The ledgers live in
-a temporary directory removed at exit.
+The main benchmark (the figures in BENCHMARKS.md, "Training tracker")::
+
+    .venv/bin/python benchmarks/tracker_variants.py                      # MLP, transformer, CNN; B = 64, 256
+    .venv/bin/python benchmarks/tracker_variants.py --baseline-tracker /tmp/base/tracker.py
+    .venv/bin/python benchmarks/tracker_variants.py --quick              # seconds; tests/test_tracker_bench.py
+
+runs plain, norms (engine only), ledger, ledger_async (and ``base_ledger`` / ``base_async``: the same with the
+tracker module from another file, e.g. ``git show REV:instrument/tracker.py > /tmp/base/tracker.py``) round-
+robin in one process with ``--threads 1`` and reports, per variant, the medians over rounds of: the training
+thread's CPU time (``time.thread_time``), the whole process's CPU time (``time.process_time``: training thread
+plus the background writer), and wall time, each as a ratio to ``plain`` from the same run. Each timed round
+ends with ``tracker.flush()``, so the writer's work for that round's steps is inside that round's clocks.
+
+The ledgers live in a temporary directory removed at exit.
 """
 
 from __future__ import annotations
 
+import argparse
 import atexit
+import copy
+import importlib.util
 import json
+import os
 import shutil
+import statistics
+import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -89,8 +111,17 @@ def _flat(out: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     return out.reshape(-1, out.shape[-1]), y.reshape(-1)
 
 
-def _tracked(model: nn.Module, x: Tensor, y: Tensor, routed: bool, max_pending: int) -> Step:
-    from instrument import GradNormEngine, attach
+def _tracked_pair(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    routed: bool,
+    max_pending: int,
+    attach: Callable[..., Any] | None = None,
+) -> tuple[Step, Step]:
+    """(step, flush) of a tracked training loop; ``attach`` defaults to ``instrument.attach``."""
+    from instrument import GradNormEngine
+    from instrument import attach as default_attach
     from ledger.store import Ledger
 
     led = Ledger.open(_tmpdir() / f"{uuid.uuid4().hex}.ledger", create=True)
@@ -101,7 +132,9 @@ def _tracked(model: nn.Module, x: Tensor, y: Tensor, routed: bool, max_pending: 
     if routed:
         kwargs["labels"] = _manifest(led, ids)
         kwargs["policy"] = _policy(GradNormEngine(model).layer_names)
-    tr = attach(model, opt, ledger=led, run="bench", criterion=crit, max_pending=max_pending, **kwargs)
+    tr = (attach or default_attach)(
+        model, opt, ledger=led, run="bench", criterion=crit, max_pending=max_pending, **kwargs
+    )
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
@@ -109,7 +142,11 @@ def _tracked(model: nn.Module, x: Tensor, y: Tensor, routed: bool, max_pending: 
             crit(*_flat(model(x), y)).backward()  # no reference to the logits outlives the loss, as in plain
             opt.step()
 
-    return step
+    return step, tr.flush
+
+
+def _tracked(model: nn.Module, x: Tensor, y: Tensor, routed: bool, max_pending: int) -> Step:
+    return _tracked_pair(model, x, y, routed, max_pending)[0]
 
 
 def register(variant: Callable[[str], Callable[[Maker], Maker]]) -> None:
@@ -126,3 +163,122 @@ def register(variant: Callable[[str], Callable[[Maker], Maker]]) -> None:
     @variant("ledger_async")
     def make_ledger_async(model: nn.Module, x: Tensor, y: Tensor) -> Step:
         return _tracked(model, x, y, routed=False, max_pending=8)
+
+
+# --------------------------------------------------------------------------- the tracker benchmark
+
+Pair = Callable[[nn.Module, Tensor, Tensor], tuple[Step, Step | None]]
+
+
+def _load_tracker(path: str) -> Any:
+    """``attach`` from another copy of ``instrument/tracker.py`` (imported as a module of the ``instrument``
+    package, so its relative imports resolve to this checkout's engine, DP and policy modules)."""
+    import instrument
+
+    name = "instrument._baseline_tracker"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    mod.__package__ = instrument.__name__
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod.attach
+
+
+def pairs(baseline_attach: Any = None) -> dict[str, Pair]:
+    """The variants of the tracker benchmark: name -> make(model, x, y) -> (step, flush or None)."""
+    from step_overhead import VARIANTS
+
+    out: dict[str, Pair] = {
+        "plain": lambda m, x, y: (VARIANTS["plain"](m, x, y), None),
+        "norms": lambda m, x, y: (VARIANTS["norms"](m, x, y), None),
+        "ledger": lambda m, x, y: _tracked_pair(m, x, y, routed=False, max_pending=0),
+        "ledger_async": lambda m, x, y: _tracked_pair(m, x, y, routed=False, max_pending=8),
+    }
+    if baseline_attach is not None:
+        a = baseline_attach
+        out["base_ledger"] = lambda m, x, y: _tracked_pair(m, x, y, routed=False, max_pending=0, attach=a)
+        out["base_async"] = lambda m, x, y: _tracked_pair(m, x, y, routed=False, max_pending=8, attach=a)
+    return out
+
+
+def time_pairs(wl: Any, makers: dict[str, Pair], rounds: int, steps: int) -> dict[str, dict[str, float]]:
+    """Median seconds per step (thread CPU, process CPU, wall) of each variant, round-robin in one process."""
+    base, x, y = wl.build()
+    fns = {n: make(copy.deepcopy(base), x, y) for n, make in makers.items()}
+    for step, flush in fns.values():  # warm-up
+        step()
+        step()
+        if flush is not None:
+            flush()
+    got: dict[str, dict[str, list[float]]] = {n: {"thread": [], "process": [], "wall": []} for n in fns}
+    for _ in range(rounds):
+        for n, (step, flush) in fns.items():
+            t0, c0, p0 = time.perf_counter(), time.thread_time(), time.process_time()
+            for _ in range(steps):
+                step()
+            if flush is not None:
+                flush()  # the writer's work for these steps belongs to this round
+            got[n]["wall"].append((time.perf_counter() - t0) / steps)
+            got[n]["thread"].append((time.thread_time() - c0) / steps)
+            got[n]["process"].append((time.process_time() - p0) / steps)
+    return {n: {k: statistics.median(v) for k, v in d.items()} for n, d in got.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from step_overhead import Workload
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny models, 2 rounds of 2 steps: seconds")
+    ap.add_argument("--models", default="mlp,transformer,cnn")
+    ap.add_argument("--batches", default=None, help="comma-separated batch sizes (default 64,256; quick 8)")
+    ap.add_argument("--rounds", type=int, default=None, help="round-robin rounds (default 9; quick 2)")
+    ap.add_argument(
+        "--steps", type=int, default=None, help="steps per variant per round (default 8; quick 2)"
+    )
+    ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    ap.add_argument("--baseline-tracker", metavar="FILE", help="add base_ledger / base_async from FILE")
+    ap.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    makers = pairs(_load_tracker(args.baseline_tracker) if args.baseline_tracker else None)
+    batches = [int(v) for v in (args.batches or ("8" if args.quick else "64,256")).split(",")]
+    rounds = args.rounds or (2 if args.quick else 9)
+    steps = args.steps or (2 if args.quick else 8)
+    load0 = os.getloadavg()
+    results: list[dict[str, Any]] = []
+    for model in args.models.split(","):
+        for b in batches:
+            t = time_pairs(Workload(model, b, args.quick), makers, rounds, steps)
+            p = t["plain"]
+            for n, m in t.items():
+                results.append(
+                    {"model": model, "batch": b, "variant": n}
+                    | {f"{k}_ms": v * 1e3 for k, v in m.items()}
+                    | {f"{k}_x_plain": v / p[k] for k, v in m.items()}
+                )
+    load1 = os.getloadavg()
+    if args.json:
+        print(
+            json.dumps({"load": [load0, load1], "rounds": rounds, "steps": steps, "rows": results}, indent=1)
+        )
+        return 0
+    print(
+        f"threads={args.threads} rounds={rounds} x {steps} steps; medians; ratios against plain from this run; "
+        f"load average {load0[0]:.2f} -> {load1[0]:.2f}"
+    )
+    print(
+        f"{'model':<12}{'B':>5}  {'variant':<14}{'thread ms':>10}{'x plain':>9}{'process ms':>11}{'x plain':>9}"
+        f"{'wall ms':>9}{'x plain':>9}"
+    )
+    for r in results:
+        print(
+            f"{r['model']:<12}{r['batch']:>5}  {r['variant']:<14}{r['thread_ms']:10.2f}{r['thread_x_plain']:9.2f}"
+            f"{r['process_ms']:11.2f}{r['process_x_plain']:9.2f}{r['wall_ms']:9.2f}{r['wall_x_plain']:9.2f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -736,3 +736,77 @@ def _crit_kwargs(crit: nn.Module) -> dict[str, Any]:
     if isinstance(crit, nn.HuberLoss):
         return {"delta": crit.delta}
     return {}
+
+
+@pytest.mark.parametrize(
+    "crit",
+    [
+        nn.CrossEntropyLoss(),
+        nn.CrossEntropyLoss(ignore_index=2, label_smoothing=0.1),
+        nn.CrossEntropyLoss(weight=torch.rand(5, dtype=torch.float64) + 0.5, ignore_index=1),
+        nn.NLLLoss(ignore_index=4),
+    ],
+    ids=["ce", "ce-ignore-smooth", "ce-weight-ignore", "nll-ignore"],
+)
+def test_one_row_per_sample_losses_equal_the_chunked_path_bit_for_bit(
+    crit: nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The [B, C] fast path (the criterion's own per-row loss) gives the chunked masked mean's exact bytes,
+    ignored targets (0) and a perfectly confident row (loss -0.0 -> 0.0) included, and each sample's own loss."""
+    from instrument import tracker as T
+
+    g = torch.Generator().manual_seed(0)
+    n = 9
+    inp = torch.randn(n, 5, generator=g, dtype=torch.float64) * 3
+    inp[0] = torch.tensor([200.0, -200, -200, -200, -200], dtype=torch.float64)  # p(class 0) = 1 exactly
+    if isinstance(crit, nn.NLLLoss):
+        inp = torch.log_softmax(inp, 1)
+    tgt = torch.randint(0, 5, (n,), generator=g)
+    tgt[0], tgt[1], tgt[2], tgt[3] = 0, 1, 2, 4  # every ignore_index used above occurs
+    fast = T._per_sample_loss(crit, inp, tgt, n)
+    monkeypatch.setattr(T, "_CHUNK_ELEMS", 1)  # one row per chunk: the general masked path
+    chunked = T._per_sample_loss(crit, inp, tgt, n)
+    assert fast.numpy().tobytes() == chunked.numpy().tobytes()
+    ignore = getattr(crit, "ignore_index", -100)
+    for i in range(n):
+        if int(tgt[i]) == ignore:
+            assert float(fast[i]) == 0.0
+            continue
+        alone = type(crit)(**{k: getattr(crit, k) for k in ("weight", "label_smoothing") if hasattr(crit, k)})
+        expect = float(alone(inp[i : i + 1], tgt[i : i + 1]))
+        if getattr(crit, "weight", None) is not None:  # mean of one weighted row divides by w_y: undo it
+            expect *= float(crit.weight[tgt[i]])
+        assert float(fast[i]) == pytest.approx(expect, rel=1e-12, abs=1e-300)
+
+
+def test_update_norm_buffers_are_kept_between_steps_and_released_by_pause_and_close(led: Any) -> None:
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+    crit = nn.CrossEntropyLoss()
+    tr = attach(model, opt, ledger=led, run="u", criterion=crit)
+    x, y = data(8)
+    expect = []
+
+    def step(ids: list[str]) -> None:
+        before = snapshot(model)
+        with tr.batch(ids):
+            crit(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        expect.append(update_norms(before, model))
+
+    step(list("abcdefgh"))
+    kept = tr._before
+    assert kept is not None
+    step(list("abcdefgh"))
+    assert tr._before is kept  # reused, not reallocated
+    tr.pause()
+    assert tr._before is None
+    tr.resume()
+    step(list("ijklmnop"))
+    tr.close()
+    assert tr._before is None
+    got = [r.update_norms for r in led.steps("u")]
+    assert len(got) == 3
+    for g, e in zip(got, expect, strict=True):
+        np.testing.assert_allclose(g, e, rtol=1e-12)
