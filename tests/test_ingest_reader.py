@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import ledger.ingest.reader as reader_mod
 from ledger.ingest.errors import IngestError
@@ -88,3 +91,78 @@ def test_reads_every_sample_and_fixture() -> None:
         r, out = _read(f)
         assert out, f
         assert r.sha256 == hashlib.sha256(f.read_bytes()).hexdigest()
+
+
+def _strict(x: object) -> object:
+    """A comparable form that tells 1 from 1.0 from True (== does not)."""
+    if isinstance(x, dict):
+        return ("d", [(k, _strict(v)) for k, v in x.items()])
+    if isinstance(x, list):
+        return ("l", [_strict(v) for v in x])
+    if isinstance(x, float) and x != x:
+        return ("nan",)
+    return (type(x).__name__, x)
+
+
+_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()  # beyond 64 bits too: msgspec keeps them ints, as json does
+    | st.floats(allow_nan=False, allow_infinity=False)  # json.dumps would write NaN / Infinity literals
+    | st.text(max_size=8)  # lone surrogates too: msgspec refuses them, the json path reads them
+)
+_values = st.recursive(
+    _scalars,
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=5), kids, max_size=4),
+    max_leaves=15,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.lists(st.dictionaries(st.text(max_size=5), _values, max_size=4), max_size=6),  # NDJSON rows: objects
+    st.sampled_from(["\n", "\r\n", "\n\n"]),
+    st.booleans(),
+)
+def test_fast_path_reads_what_json_reads(tmp_path: Path, values: list[object], nl: str, ascii_: bool) -> None:
+    text = "".join(json.dumps(v, ensure_ascii=ascii_) + nl for v in values)
+    p = tmp_path / "v.ndjson"
+    p.write_bytes(text.encode("utf-8", "surrogatepass"))
+    try:
+        want = [json.loads(x) for x in text.split("\n") if x.strip()]
+    except ValueError:
+        return  # raw lone surrogates (ensure_ascii=False) are not UTF-8: the reader refuses the file
+    _, out = _read(p)
+    assert [_strict(o) for _, _, o in out] == [_strict(w) for w in want]
+    assert [i for _, i, _ in out] == list(range(len(want)))
+
+
+def test_fast_path_edges_keep_json_semantics(tmp_path: Path) -> None:
+    big = 2**70
+    data = (
+        f'{{"a": {big}, "b": -{big}}}\n'  # beyond 64 bits: ints, not floats
+        '{"s": "\\ud800x"}\n'  # a lone surrogate escape: json reads it, msgspec refuses
+        '{"f": 1e400}\n'  # overflows a double: json reads inf
+        '{"multi":\n  [1,\n 2]}\n'  # one value over several lines
+        '{"x": 1} {"y": 2}\n'  # two values on one line
+        '{"z": 3}'  # no final newline
+    )
+    p = _write(tmp_path, "e.ndjson", data.encode())
+    _, out = _read(p)
+    assert [(line, o) for line, _, o in out] == [
+        (1, {"a": big, "b": -big}),
+        (2, {"s": "\ud800x"}),
+        (3, {"f": float("inf")}),
+        (4, {"multi": [1, 2]}),
+        (7, {"x": 1}),
+        (7, {"y": 2}),
+        (8, {"z": 3}),
+    ]
+    assert type(out[0][2]["a"]) is int
+
+
+def test_deep_nesting_is_one_clear_error(tmp_path: Path) -> None:
+    p = _write(tmp_path, "deep.ndjson", b'{"a":1}\n' + b"[" * 100_000 + b"]" * 100_000 + b"\n")
+    with pytest.raises(IngestError, match="nesting too deep") as ei:
+        _read(p)
+    assert ei.value.line == 2

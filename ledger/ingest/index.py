@@ -105,6 +105,11 @@ def hint(seq: int, kind: str, body: dict[str, Any]) -> None:
         hints[seq] = (kind, body["source"], body["suggestion_id"], body.get("record_sha256"))
 
 
+def hint_ref(seq: int, kind: str, source: str, ref: str, digest: str | None) -> None:
+    """``hint`` for an entry whose body is already encoded: the caller names its ref and digest."""
+    _hints()[seq] = (kind, source, ref, digest)
+
+
 def clear_hints() -> None:
     _hints().clear()
 

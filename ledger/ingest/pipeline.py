@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple, cast
 
 from sqlalchemy import Connection
 
-from ledger.canonical import canonical_body
+from ledger.canonical import CanonicalJSON, canonical_body
 from ledger.errors import CanonicalError
 from ledger.ingest import generic_format as generic
 from ledger.ingest import index as _index
@@ -83,6 +84,68 @@ def _ledger_file(ledger: Ledger) -> str | None:
     return None if "://" in loc else loc
 
 
+class Encoded(NamedTuple):
+    """One parsed record, encoded: what the appending side needs (the record itself only when it must wait).
+
+    A label whose seed links still have to be looked up in the ledger (a Label Studio ``parent_prediction``,
+    a Labelbox feature id that may be a MAL uuid) keeps ``record`` and is encoded after the lookup; every
+    other record arrives with its canonical body and ``record_sha256`` already computed (by a worker
+    process in a parallel ingest).
+    """
+
+    kind: str  # "annotation" | "suggestion"
+    ref: str  # label id | suggestion id
+    line: int | None
+    body: CanonicalJSON | None
+    digest: str | None
+    status: str | None
+    human: bool
+    seeded: bool
+    record: LabelRecord | SuggestionRecord | None
+
+
+class RecordEncoder:
+    """Turns parsed records into ``Encoded`` ones (picklable: parallel workers hold one each)."""
+
+    def __init__(self, path: str, export_ref: dict[str, Any], mal_links: bool) -> None:
+        self.path = path
+        self.export_ref = export_ref
+        self.mal_links = mal_links  # the ledger holds MAL suggestions: feature ids may link to them
+
+    def encode(self, recs: list[Any]) -> list[Encoded]:
+        out = []
+        for r in recs:
+            if isinstance(r, SuggestionRecord):
+                body, digest = self.encode_one(r)
+                out.append(
+                    Encoded("suggestion", r.suggestion_id, r.line, body, digest, None, False, False, None)
+                )
+            elif any(s.suggestion_id is not None and s.seq is None for s in r.seeded_from) or (
+                self.mal_links and r.seed_candidates
+            ):
+                out.append(Encoded("annotation", r.label_id, r.line, None, None, r.status,
+                                   r.producer_kind == "human", False, r))  # fmt: skip
+            else:
+                body, digest = self.encode_one(r)
+                out.append(Encoded("annotation", r.label_id, r.line, body, digest, r.status,
+                                   r.producer_kind == "human", bool(r.seeded_from), None))  # fmt: skip
+        return out
+
+    def encode_one(self, r: LabelRecord | SuggestionRecord) -> tuple[CanonicalJSON, str]:
+        """The record's canonical body bytes and ``record_sha256`` (bad fields name the record's line)."""
+        try:
+            return r.encode(self.export_ref)
+        except FieldError as exc:
+            raise IngestError(self.path, r.line, exc.field, exc.reason) from None
+        except CanonicalError as exc:
+            raise IngestError(self.path, r.line, None, f"cannot encode the record: {exc}") from None
+
+
+def item_keys(fmt: str | None) -> bool:
+    """True if items are counted by id (a set); Labelbox Export v2 counts data rows (lines) instead."""
+    return fmt != "labelbox.export_v2"
+
+
 class _Run:
     """State of one ingest inside the transaction."""
 
@@ -96,7 +159,7 @@ class _Run:
         self.chunk = chunk
         self.export_ref = {"sha256": sha, "size": size, "name": os.path.basename(path)}
         self.fmt: str | None = None
-        self.pending: list[Any] = []
+        self.pending: list[Encoded] = []
         self.records = self.suggestions = self.skipped = self.drafts = self.seeded = self.duplicates = 0
         self.items_counted = 0
         self.item_set: set[str] | None = None
@@ -106,33 +169,42 @@ class _Run:
         self.app: Appender | None = None
         self.next_seq = 0
         self.labelbox_suggestions = False
+        self.encoder = RecordEncoder(path, self.export_ref, False)
 
     # -- parsing ----------------------------------------------------------------------------------------
+    def detect(self, element: Any, line: int, index: int, array: bool) -> None:
+        """Settle the format from the first element (every later one must have the same shape)."""
+        if self.fmt is not None:
+            return
+        if self.source == "labelbox":
+            try:
+                self.fmt = labelbox_format.detect(element)
+            except FieldError as exc:
+                raise IngestError(
+                    self.path, line, exc.field, exc.reason, item=index if array else None
+                ) from None
+        elif self.source == "labelstudio":
+            self.fmt = labelstudio_format.FORMAT
+        else:
+            self.fmt = generic.FORMAT_JSONL
+        if item_keys(self.fmt):
+            self.item_set = set()
+
     def parse(self, element: Any, line: int, index: int, array: bool) -> list[Any]:
-        item = index if array else None
-        try:
-            if self.source == "labelbox":
-                if self.fmt is None:
-                    self.fmt = labelbox_format.detect(element)
-                    if self.fmt != "labelbox.export_v2":
-                        self.item_set = set()
-                return labelbox_format.parse(self.fmt, element, line, self.ctx)
-            if self.source == "labelstudio":
-                self.fmt = labelstudio_format.FORMAT
-                return labelstudio_format.parse(element, line, self.ctx)
-            if self.fmt is None:
-                self.fmt = generic.FORMAT_JSONL
-                self.item_set = set()
-            return generic.parse(element, line, self.ctx, self.fmt)
-        except FieldError as exc:
-            raise IngestError(self.path, line, exc.field, exc.reason, item=item) from None
+        self.detect(element, line, index, array)
+        return parse_element(
+            self.source, self.fmt, element, line, self.ctx, self.path, index if array else None
+        )
 
     def add(self, recs: list[Any]) -> None:
         if self.item_set is None:
             self.items_counted += bool(recs)
         else:
             self.item_set.update(r.item_id or r.global_key for r in recs)
-        self.pending.extend(recs)
+        self.add_encoded(self.encoder.encode(recs))
+
+    def add_encoded(self, encs: list[Encoded]) -> None:
+        self.pending.extend(encs)
         if len(self.pending) >= self.chunk:
             self.flush()
 
@@ -142,11 +214,14 @@ class _Run:
         if not recs:
             return
         assert self.conn is not None
-        labels = [r for r in recs if isinstance(r, LabelRecord)]
-        suggs = [r for r in recs if isinstance(r, SuggestionRecord)]
-        known_labels = _index.lookup(self.conn, "annotation", [r.label_id for r in labels], self.source)
-        known_suggs = _index.lookup(self.conn, "suggestion", [s.suggestion_id for s in suggs], self.source)
-        seed_ids = [s.suggestion_id for r in labels for s in r.seeded_from if s.suggestion_id is not None]
+        waiting = [e.record for e in recs if isinstance(e.record, LabelRecord)]
+        known_labels = _index.lookup(
+            self.conn, "annotation", [e.ref for e in recs if e.kind == "annotation"], self.source
+        )
+        known_suggs = _index.lookup(
+            self.conn, "suggestion", [e.ref for e in recs if e.kind == "suggestion"], self.source
+        )
+        seed_ids = [s.suggestion_id for r in waiting for s in r.seeded_from if s.suggestion_id is not None]
         seed_sources = None if self.source == "jsonl" else self.source
         seeds = _index.lookup(self.conn, "suggestion", seed_ids, seed_sources) if seed_ids else {}
         model_labels = (
@@ -156,7 +231,7 @@ class _Run:
         )
         mal: dict[str, int] = {}  # MAL uuid (ingested from Labelbox or recorded by gradledger) -> seq
         if self.labelbox_suggestions:
-            cands = [c for r in labels for c in r.seed_candidates]
+            cands = [c for r in waiting for c in r.seed_candidates]
             for (src, ref), (sseq, _) in (
                 _index.lookup(self.conn, "suggestion", cands) if cands else {}
             ).items():
@@ -165,48 +240,54 @@ class _Run:
         local_digest: dict[tuple[str, str], str] = {}
         local_sugg_seq: dict[str, int] = {}
         entries: list[NewEntry] = []
+        refs: list[tuple[str, str, str]] = []  # (kind, ref, digest) of each entry, for the index hints
         lines: list[int | None] = []
-        for r in recs:
+        for e in recs:
             seq = self.next_seq + len(entries)
-            if isinstance(r, SuggestionRecord):
-                body = self._body(r)
-                key = ("suggestion", r.suggestion_id)
-                prior = local_digest.get(key) or known_suggs.get((self.source, r.suggestion_id), (0, None))[1]
-                if prior == body["record_sha256"]:
+            if e.kind == "suggestion":
+                key = ("suggestion", e.ref)
+                prior = local_digest.get(key) or known_suggs.get((self.source, e.ref), (0, None))[1]
+                if prior == e.digest:
                     self.duplicates += 1
-                    known = known_suggs.get((self.source, r.suggestion_id))
+                    known = known_suggs.get((self.source, e.ref))
                     if known is not None:
-                        local_sugg_seq.setdefault(r.suggestion_id, known[0])
+                        local_sugg_seq.setdefault(e.ref, known[0])
                     continue
-                local_digest[key] = body["record_sha256"]
-                local_sugg_seq[r.suggestion_id] = seq
-                entries.append(NewEntry("suggestion", body, None, SUGGESTION_V))
-                lines.append(r.line)
+                assert e.body is not None and e.digest is not None
+                local_digest[key] = e.digest
+                local_sugg_seq[e.ref] = seq
+                entries.append(NewEntry("suggestion", _whole_body(e.body), None, SUGGESTION_V))
+                refs.append(("suggestion", e.ref, e.digest))
+                lines.append(e.line)
                 self.suggestions += 1
                 continue
-            r.seeded_from = [self._resolve(s, local_sugg_seq, seeds, model_labels) for s in r.seeded_from]
-            for c in r.seed_candidates:
-                hit = mal.get(c)
-                if hit is not None:
-                    r.seeded_from.append(Seed(c, "mal", hit))
-            body = self._body(r)
-            key = ("annotation", r.label_id)
-            prior = local_digest.get(key) or known_labels.get((self.source, r.label_id), (0, None))[1]
-            if prior == body["record_sha256"]:
+            body, digest, seeded = e.body, e.digest, e.seeded
+            if isinstance(e.record, LabelRecord):
+                r = e.record
+                r.seeded_from = [self._resolve(s, local_sugg_seq, seeds, model_labels) for s in r.seeded_from]
+                for c in r.seed_candidates:
+                    hit = mal.get(c)
+                    if hit is not None:
+                        r.seeded_from.append(Seed(c, "mal", hit))
+                body, digest = self.encoder.encode_one(r)
+                seeded = bool(r.seeded_from)
+            assert body is not None and digest is not None
+            key = ("annotation", e.ref)
+            prior = local_digest.get(key) or known_labels.get((self.source, e.ref), (0, None))[1]
+            if prior == digest:
                 self.duplicates += 1
                 continue
-            local_digest[key] = body["record_sha256"]
-            if r.producer_kind != "human":
-                local_sugg_seq[r.label_id] = (
-                    seq  # a model/program label can seed a later one (generic format)
-                )
-            entries.append(NewEntry("annotation", body, None, ANNOTATION_V))
-            lines.append(r.line)
+            local_digest[key] = digest
+            if not e.human:
+                local_sugg_seq[e.ref] = seq  # a model/program label can seed a later one (generic format)
+            entries.append(NewEntry("annotation", _whole_body(body), None, ANNOTATION_V))
+            refs.append(("annotation", e.ref, digest))
+            lines.append(e.line)
             self.records += 1
-            self.skipped += r.status == "skipped"
-            self.drafts += r.status == "draft"
-            self.seeded += bool(r.seeded_from)
-        self._append(entries, lines)
+            self.skipped += e.status == "skipped"
+            self.drafts += e.status == "draft"
+            self.seeded += seeded
+        self._append(entries, lines, refs)
 
     def _resolve(
         self, s: Seed, local: dict[str, int], seeds: dict[Any, Any], model_labels: dict[Any, Any]
@@ -220,18 +301,21 @@ class _Run:
             seq = max(hits) if hits else None
         return Seed(s.suggestion_id, s.origin, seq)
 
-    def _body(self, r: LabelRecord | SuggestionRecord) -> dict[str, Any]:
-        try:
-            return r.body(self.export_ref, spliced=True)
-        except FieldError as exc:
-            raise IngestError(self.path, r.line, exc.field, exc.reason) from None
-
-    def _append(self, entries: list[NewEntry], lines: list[int | None]) -> None:
+    def _append(
+        self,
+        entries: list[NewEntry],
+        lines: list[int | None],
+        refs: list[tuple[str, str, str]] | None = None,
+    ) -> None:
         if not entries:
             return
         assert self.app is not None
         for i, e in enumerate(entries):
-            _index.hint(self.next_seq + i, e.kind, dict(e.body))
+            if refs is None:
+                _index.hint(self.next_seq + i, e.kind, dict(e.body))
+            else:
+                kind, ref, digest = refs[i]
+                _index.hint_ref(self.next_seq + i, kind, self.source, ref, digest)
         try:
             seqs = self.app.append_many(entries)
         except CanonicalError as exc:
@@ -254,6 +338,26 @@ class _Run:
             except CanonicalError as one:
                 return IngestError(self.path, line, None, f"cannot encode the record: {one}")
         return IngestError(self.path, None, None, f"cannot encode the record: {exc}")
+
+
+def _whole_body(body: CanonicalJSON) -> Mapping[str, Any]:
+    """A body given as its canonical bytes (``Ledger`` accepts ``CanonicalJSON`` for a whole body)."""
+    return cast("Mapping[str, Any]", body)
+
+
+def parse_element(
+    source: str, fmt: str | None, element: Any, line: int, ctx: ParseContext, path: str, item: int | None
+) -> list[Any]:
+    """Normalise one export element into records (``fmt`` settled by ``_Run.detect``)."""
+    try:
+        if source == "labelbox":
+            assert fmt is not None
+            return labelbox_format.parse(fmt, element, line, ctx)
+        if source == "labelstudio":
+            return labelstudio_format.parse(element, line, ctx)
+        return generic.parse(element, line, ctx, fmt or generic.FORMAT_JSONL)
+    except FieldError as exc:
+        raise IngestError(path, line, exc.field, exc.reason, item=item) from None
 
 
 def ingest(
@@ -335,6 +439,7 @@ def _ingest(
         run.labelbox_suggestions = source == "labelbox" and (
             _index.has_any(conn, "suggestion", "labelbox") or _index.has_any(conn, "suggestion", "gradledger")
         )
+        run.encoder = RecordEncoder(path, run.export_ref, run.labelbox_suggestions)
         for line, idx, element in reader:
             run.add(run.parse(element, line, idx, reader.mode == "array"))
         run.flush()

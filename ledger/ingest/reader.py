@@ -7,6 +7,13 @@ Why hand-written rather than ``ijson``: ijson streams arrays but reports neither
 the position of a syntax error, and the ingest contract is a one-line error naming file, line and field.
 This reader runs the C ``json`` decoder (``raw_decode``) over a sliding text buffer: it keeps at most one
 element (capped by ``max_item_bytes``) plus one read chunk in memory and counts newlines as it goes.
+
+NDJSON fast path: a line of a value sequence that holds one whole value is decoded by ``msgspec`` (about 3x
+faster than ``json``; decoding was a fifth of ingest time). msgspec accepts exactly the JSON that ``json``
+accepts and returns the same values, integers beyond 64 bits included (orjson would turn those into
+floats), but it refuses a few things ``json`` reads (lone surrogate escapes, numbers that overflow a
+double): any line msgspec refuses is decoded again by the ``json`` path, which also words every error.
+``tests/test_ingest_reader.py`` compares the two paths.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ import os
 import re
 from collections.abc import Iterator
 from typing import Any, BinaryIO
+
+import msgspec
 
 from ledger.ingest.errors import IngestError
 
@@ -36,6 +45,7 @@ def _reject_constant(name: str) -> Any:
 
 
 _decoder = json.JSONDecoder(parse_constant=_reject_constant)
+_fast_decode = msgspec.json.Decoder().decode
 
 
 class ExportReader:
@@ -116,6 +126,18 @@ class ExportReader:
         line, _ = self._line_at(start)
         self._line += self._buf.count("\n", self._line_pos, start)
         self._line_pos = start
+        if self.mode == "sequence":
+            end = self._buf.find("\n", start)
+            if end == -1 and self._eof:
+                end = len(self._buf)
+            if 0 <= end - start <= self.max_item_bytes:
+                try:
+                    obj = _fast_decode(self._buf[start:end])
+                except (msgspec.DecodeError, RecursionError):
+                    pass  # not one whole value on this line, or not what msgspec reads: the json path
+                else:
+                    self._pos = end
+                    return line, obj
         while True:
             buf = self._buf
             try:

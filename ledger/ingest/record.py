@@ -14,7 +14,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from ledger.canonical import CanonicalJSON
+import msgspec
+
+from ledger import canonical
+from ledger.canonical import MAX_SAFE_INT, CanonicalJSON, canonical_json
 from ledger.errors import CanonicalError
 from ledger.ingest.errors import FieldError
 from ledger.ingest.valuehash import canonical_value
@@ -174,6 +177,16 @@ class Score:
             "method": self.method,
         }
 
+    def json_body(self) -> dict[str, Any]:
+        """``body()`` with integral floats as ints, as RFC 8785 writes them (see ``_encode``)."""
+        return {
+            "name": self.name,
+            "value": json_number(self.value),
+            "min": json_number(self.min),
+            "max": json_number(self.max),
+            "method": self.method,
+        }
+
 
 @dataclass(frozen=True)
 class Review:
@@ -259,14 +272,9 @@ class LabelRecord:
     # RFC 8785 bytes of ``value`` when the parser already has them (``fields.clean_value_json``).
     value_json: bytes | None = field(default=None, repr=False, compare=False)
 
-    def body(self, export_ref: dict[str, Any], *, spliced: bool = False) -> dict[str, Any]:
-        """The ``annotation`` entry body. ``record_sha256`` covers everything except where it was read from.
-
-        ``spliced``: the value is given as its canonical bytes (``CanonicalJSON``, the same bytes
-        ``value_sha256`` hashes), so the ledger does not encode it a second time.
-        """
-        cv = self.value_json if self.value_json is not None else canonical_value_bytes(self.value)
-        content: dict[str, Any] = {
+    def _content(self, cv: bytes) -> dict[str, Any]:
+        """The record's content without ``value`` (``value_sha256`` stands for it): what ``record_sha256`` covers."""
+        return {
             "source": self.source,
             "format": self.format,
             "item": {"id": self.item_id, "global_key": self.global_key, "external_id": self.external_id},
@@ -278,7 +286,6 @@ class LabelRecord:
             "effort_seconds": self.effort_seconds,
             "status": self.status,
             "gold": self.gold,
-            "value": self.value,
             "value_sha256": hashlib.sha256(cv).hexdigest(),
             "scores": [s.body() for s in self.scores],
             "reviews": [r.body() for r in self.reviews],
@@ -287,12 +294,49 @@ class LabelRecord:
             "domain": self.domain,
             "rights": self.rights,
         }
-        content["record_sha256"] = record_digest(content)
-        if spliced:
-            content["value"] = CanonicalJSON(cv)
+
+    def _value_bytes(self) -> bytes:
+        return self.value_json if self.value_json is not None else canonical_value_bytes(self.value)
+
+    def body(self, export_ref: dict[str, Any], *, spliced: bool = False) -> dict[str, Any]:
+        """The ``annotation`` entry body. ``record_sha256`` covers everything except where it was read from.
+
+        ``spliced``: the value is given as its canonical bytes (``CanonicalJSON``, the same bytes
+        ``value_sha256`` hashes), so the ledger does not encode it a second time.
+        """
+        cv = self._value_bytes()
+        content = self._content(cv)
+        content["record_sha256"] = _digest(content, False)
+        content["value"] = CanonicalJSON(cv) if spliced else self.value
         content["export"] = export_ref
         content["line"] = self.line
         return content
+
+    def encode(self, export_ref: dict[str, Any]) -> tuple[CanonicalJSON, str]:
+        """(RFC 8785 bytes of ``body(export_ref, spliced=True)``, ``record_sha256``): what ingest appends.
+
+        Raises ``FieldError("value")`` for a value without an RFC 8785 form, ``CanonicalError`` for any other
+        field. How both texts are written: ``_digest`` and ``_encode``.
+        """
+        cv = self._value_bytes()
+        content = self._content(cv)
+        plain = (
+            _plain(self.effort_seconds)
+            and _plain(self.line)
+            and all(_plain(s.value) and _plain(s.min) and _plain(s.max) for s in self.scores)
+            and all(_plain(r.raw) for r in self.reviews)
+        )
+        digest = _digest(content, plain)
+        content["record_sha256"] = digest
+        content["export"] = export_ref
+        content["line"] = self.line
+        if plain:  # numbers in their RFC 8785 form (40.0 -> 40); the digest above saw the floats
+            content["effort_seconds"] = json_number(self.effort_seconds)
+            if self.scores:
+                content["scores"] = [s.json_body() for s in self.scores]
+            for rv in content["reviews"]:
+                rv["raw"] = json_number(rv["raw"])
+        return _encode(content, cv, plain), digest
 
 
 @dataclass
@@ -312,10 +356,8 @@ class SuggestionRecord:
     created_at: str | None = None
     line: int | None = None
 
-    def body(self, export_ref: dict[str, Any] | None, *, spliced: bool = False) -> dict[str, Any]:
-        """The ``suggestion`` entry body (``spliced`` as for ``LabelRecord.body``)."""
-        cv = canonical_value_bytes(self.value)
-        content: dict[str, Any] = {
+    def _content(self, cv: bytes) -> dict[str, Any]:
+        return {
             "source": self.source,
             "format": self.format,
             "suggestion_id": self.suggestion_id,
@@ -325,15 +367,111 @@ class SuggestionRecord:
             "confidence": self.confidence,
             "checkpoint_seq": self.checkpoint_seq,
             "created_at": self.created_at,
-            "value": self.value,
             "value_sha256": hashlib.sha256(cv).hexdigest(),
         }
-        content["record_sha256"] = record_digest(content)
-        if spliced:
-            content["value"] = CanonicalJSON(cv)
+
+    def body(self, export_ref: dict[str, Any] | None, *, spliced: bool = False) -> dict[str, Any]:
+        """The ``suggestion`` entry body (``spliced`` as for ``LabelRecord.body``)."""
+        cv = canonical_value_bytes(self.value)
+        content = self._content(cv)
+        content["record_sha256"] = _digest(content, False)
+        content["value"] = CanonicalJSON(cv) if spliced else self.value
         content["export"] = export_ref
         content["line"] = self.line
         return content
+
+    def encode(self, export_ref: dict[str, Any] | None) -> tuple[CanonicalJSON, str]:
+        """(RFC 8785 bytes of ``body(export_ref, spliced=True)``, ``record_sha256``), as ``LabelRecord.encode``."""
+        cv = canonical_value_bytes(self.value)
+        content = self._content(cv)
+        plain = _plain(self.confidence) and _plain(self.checkpoint_seq) and _plain(self.line)
+        digest = _digest(content, plain)
+        content["record_sha256"] = digest
+        content["export"] = export_ref
+        content["line"] = self.line
+        if plain:
+            content["confidence"] = json_number(self.confidence)
+        return _encode(content, cv, plain), digest
+
+
+def json_number(x: Any) -> Any:
+    """An integral float as the int RFC 8785 writes for it (``40.0`` -> ``40``); anything else unchanged."""
+    if type(x) is float and x.is_integer() and -MAX_SAFE_INT <= x <= MAX_SAFE_INT:
+        return int(x)
+    return x
+
+
+def _plain(x: Any) -> bool:
+    """True if msgspec writes ``x`` as ``json.dumps`` does and, after ``json_number``, as RFC 8785 does.
+
+    Strings always qualify (all three escape alike; msgspec refuses lone surrogates, which then take the
+    slow path). Numbers qualify where all three print the same digits: ints in the double-safe range, and
+    finite floats that are integral below 1e15 or non-integral in [1e-4, 1e16), which each writes as its
+    shortest round-trip digits without an exponent (``tests/test_ingest_valuehash.py`` checks this on
+    generated floats). Small containers (a review's raw verdict) qualify when all they hold does.
+    """
+    t = type(x)
+    if t is str or t is bool or x is None:
+        return True
+    if t is float:
+        if x.is_integer():
+            return abs(x) < 1e15
+        return 1e-4 <= abs(x) < 1e16  # False for NaN and infinities
+    if t is int:
+        return -MAX_SAFE_INT <= x <= MAX_SAFE_INT
+    if t is dict:
+        return all(type(k) is str and k.isascii() and k[:1] != "$" and _plain(v) for k, v in x.items())
+    if t is list:
+        return all(_plain(v) for v in x)
+    return False
+
+
+# Sorted keys, compact separators, ensure_ascii=False escaping: the json module's text in the domain
+# ``_plain`` admits (checked on generated values by tests/test_ingest_valuehash.py).
+_encode_sorted = msgspec.json.Encoder(order="sorted").encode
+
+
+def _digest(content: dict[str, Any], plain: bool) -> str:
+    """sha256 hex of ``json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)``.
+
+    That text must stay byte-identical across versions: re-ingest duplicate detection compares digests
+    stored by older versions. msgspec writes the same text ~5x faster when every number is ``_plain`` (the
+    other fields are strings, bools, None and small ints by construction); otherwise ``json`` writes it.
+    """
+    try:
+        if plain:
+            try:
+                return hashlib.sha256(_encode_sorted(content)).hexdigest()
+            except UnicodeEncodeError:  # a lone surrogate: json reports it below
+                pass
+        return hashlib.sha256(_digest_dumps(content).encode("utf-8")).hexdigest()
+    except UnicodeEncodeError as exc:  # JSON allows "\ud800"; UTF-8 does not
+        raise CanonicalError(f"body: string is not valid Unicode ({exc.reason})") from None
+
+
+def _encode(body: dict[str, Any], value: bytes, plain: bool) -> CanonicalJSON:
+    """RFC 8785 bytes of a record body with ``value`` (canonical bytes) spliced in as ``body["value"]``.
+
+    Why not only ``canonical_json``: its generic walk costs ~25 us per body, more than all the rest of
+    encoding a label. A record body is built here from fixed ASCII keys, strings, bools, None and
+    ``_plain`` numbers already in their RFC 8785 form (``json_number``); for exactly that, msgspec with
+    sorted keys writes RFC 8785. Anything else (``plain`` False, a lone surrogate) goes to
+    ``canonical_json``. With ``GRADLEDGER_CHECK_CANONICAL=1`` (the ingest tests) every body is compared.
+    """
+    if plain:
+        body["value"] = msgspec.Raw(value)
+        try:
+            out = _encode_sorted(body)
+        except UnicodeEncodeError:
+            pass
+        else:
+            if canonical.CHECK_CANONICAL:
+                body["value"] = CanonicalJSON(value)
+                if out != canonical_json(body, "body"):
+                    raise CanonicalError(f"body: fast encoding differs from canonical_json: {out[:120]!r}")
+            return CanonicalJSON(out)
+    body["value"] = CanonicalJSON(value)
+    return CanonicalJSON(canonical_json(body, "body"))
 
 
 def record_digest(content: dict[str, Any]) -> str:
@@ -341,5 +479,4 @@ def record_digest(content: dict[str, Any]) -> str:
     stands for it): the re-ingest duplicate key. Not RFC 8785 (the entry's leaf hash already is);
     recompute it as ``sha256(json.dumps({k: v for k, v in c.items() if k != "value"}, sort_keys=True,
     separators=(",", ":"), ensure_ascii=False))`` over the body minus export, line and record_sha256."""
-    text = _digest_dumps({k: v for k, v in content.items() if k != "value"})
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return _digest({k: v for k, v in content.items() if k != "value"}, False)
