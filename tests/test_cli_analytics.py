@@ -79,11 +79,21 @@ def _raw_baselines(path: Path) -> tuple[dict[str, float], dict[str, float]]:
     """Mean loss and AUM per example straight from the step payloads (Python floats, no audit code)."""
     loss: dict[str, list[float]] = {}
     margin: dict[tuple[str, int], list[float]] = {}
+    table: list[str] = []  # step v 3: the run's example table (docs/ARCHITECTURE.md), decoded here by hand
     with Ledger.open(path) as led:
         for e in led.entries(kind="step"):
             if e.body["run"] != RUN:
                 continue
-            for i, ex in enumerate(e.body["example_ids"]):
+            ids = e.body.get("example_ids")
+            if ids is None:
+                table.extend(e.body.get("new_ids", []))
+                raw = e.payloads.get("example_index")
+                if raw is None:
+                    ids = e.body["new_ids"]
+                else:
+                    a = np.asarray(raw).astype(np.int64)
+                    ids = [table[i] for i in (a if a.ndim == 1 else a[:, 0] | a[:, 1] << 8 | a[:, 2] << 16)]
+            for i, ex in enumerate(ids):
                 loss.setdefault(ex, []).append(float(e.payloads["losses"][i]))
                 margin.setdefault((ex, e.body["epoch"]), []).append(float(e.payloads["margins"][i]))
     mean_loss = {ex: sum(v) / len(v) for ex, v in loss.items()}

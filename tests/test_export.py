@@ -194,9 +194,14 @@ def test_flipped_evidence_byte_fails(
 
 def test_missing_evidence_entry_fails(built: Built, bundle: Any, tmp_path: Path) -> None:
     ents = bundle["evidence"]["entries"]
-    step = next(i for i, e in enumerate(ents) if e["kind"] == "step")
-    del ents[step]
+    steps = [i for i, e in enumerate(ents) if e["kind"] == "step"]
+    last = copy.deepcopy(bundle)
+    del ents[steps[0]]  # it brought the run's first examples (step v 3: the others' ids refer to them)
     res = _verify(_write(tmp_path, bundle), built.pub)
+    assert res.exit_code == 1 and "FAILED evidence: the run's step entries do not read" in res.output
+    assert "a step of the run is missing" in res.output
+    del last["evidence"]["entries"][steps[-1]]  # a later step: the figures no longer recompute
+    res = _verify(_write(tmp_path, last), built.pub)
     assert res.exit_code == 1 and "FAILED predicate: predicate.run does not match" in res.output
 
 
