@@ -282,7 +282,7 @@ def _report(res: VerifyResult, as_json: bool) -> None:
             else ""
         )
         click.echo(
-            f"ok: {res.size} entries, {res.payloads_checked} payloads, {res.bytes_hashed:,} bytes re-hashed, "
+            f"{'ok' if res.complete else 'INCOMPLETE'}: {res.size} entries, {res.payloads_checked} payloads, {res.bytes_hashed:,} bytes re-hashed, "
             f"{res.tree_nodes_checked} subtree hashes, {res.checkpoints_checked} stored checkpoints{cp}"
         )
         click.echo(f"root {res.root.hex() if res.root else ''}")
@@ -296,7 +296,7 @@ def _report(res: VerifyResult, as_json: bool) -> None:
             )
             if not res.complete:
                 click.echo(
-                    f"INCOMPLETE: {a['payloads'] - a['rehashed']} archived payloads NOT re-hashed: segment(s) "
+                    f"{a['payloads'] - a['rehashed']} archived payloads NOT re-hashed: segment(s) "
                     f"{', '.join(a['missing_segments'])} not found in {'; '.join(a['looked_in'])} "
                     "(give --archive DIR; their digests in the ledger were checked)"
                 )
