@@ -58,7 +58,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import rfc8785
@@ -78,33 +78,69 @@ from .policy import BoundPolicy, Policy
 _CHUNK_ELEMS = 1 << 18  # input elements per chunk when recomputing losses (bounds the log_softmax temporary)
 
 
-def _elementwise_loss(crit: nn.Module, inp: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """The criterion with reduction='none'."""
-    if isinstance(crit, nn.CrossEntropyLoss):
-        return F.cross_entropy(
-            inp, target, weight=crit.weight, ignore_index=crit.ignore_index, reduction="none",
-            label_smoothing=crit.label_smoothing,
+@dataclass(frozen=True)
+class _LossConfig:
+    """A criterion's type and settings as they are at one call: a recomputation that runs later (on the writer
+    thread) uses the settings of the step it belongs to, even if the loop changes them afterwards."""
+
+    kind: type
+    weight: torch.Tensor | None = None
+    pos_weight: torch.Tensor | None = None
+    ignore_index: int = -100
+    label_smoothing: float = 0.0
+    delta: float = 1.0
+    beta: float = 1.0
+
+    @classmethod
+    def of(cls, crit: nn.Module) -> _LossConfig:
+        return cls(
+            type(crit), getattr(crit, "weight", None), getattr(crit, "pos_weight", None),
+            getattr(crit, "ignore_index", -100), getattr(crit, "label_smoothing", 0.0),
+            getattr(crit, "delta", 1.0), getattr(crit, "beta", 1.0),
         )  # fmt: skip
-    if isinstance(crit, nn.NLLLoss):
-        return F.nll_loss(inp, target, weight=crit.weight, ignore_index=crit.ignore_index, reduction="none")
-    if isinstance(crit, nn.MSELoss):
-        return F.mse_loss(inp, target, reduction="none")
-    if isinstance(crit, nn.L1Loss):
-        return F.l1_loss(inp, target, reduction="none")
-    if isinstance(crit, nn.HuberLoss):
-        return F.huber_loss(inp, target, reduction="none", delta=crit.delta)
-    if isinstance(crit, nn.SmoothL1Loss):
-        return F.smooth_l1_loss(inp, target, reduction="none", beta=crit.beta)
-    if isinstance(crit, nn.BCEWithLogitsLoss):
-        return F.binary_cross_entropy_with_logits(
-            inp, target, weight=crit.weight, pos_weight=crit.pos_weight, reduction="none"
+
+    def detached(self) -> _LossConfig:
+        """The same settings with private copies of the weight tensors (for a later recomputation)."""
+        w, pw = self.weight, self.pos_weight
+        if w is None and pw is None:
+            return self
+        return dataclasses.replace(
+            self,
+            weight=None if w is None else w.detach().clone(),
+            pos_weight=None if pw is None else pw.detach().clone(),
         )
-    if isinstance(crit, nn.BCELoss):
-        return F.binary_cross_entropy(inp, target, weight=crit.weight, reduction="none")
-    raise TypeError(type(crit).__name__)  # pragma: no cover - refused at attach
 
 
-def _per_sample_loss(crit: nn.Module, inp: torch.Tensor, target: torch.Tensor, n: int) -> torch.Tensor:
+def _elementwise_loss(cfg: _LossConfig, inp: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The criterion with reduction='none'."""
+    kind = cfg.kind
+    if issubclass(kind, nn.CrossEntropyLoss):
+        return F.cross_entropy(
+            inp, target, weight=cfg.weight, ignore_index=cfg.ignore_index, reduction="none",
+            label_smoothing=cfg.label_smoothing,
+        )  # fmt: skip
+    if issubclass(kind, nn.NLLLoss):
+        return F.nll_loss(inp, target, weight=cfg.weight, ignore_index=cfg.ignore_index, reduction="none")
+    if issubclass(kind, nn.MSELoss):
+        return F.mse_loss(inp, target, reduction="none")
+    if issubclass(kind, nn.L1Loss):
+        return F.l1_loss(inp, target, reduction="none")
+    if issubclass(kind, nn.HuberLoss):
+        return F.huber_loss(inp, target, reduction="none", delta=cfg.delta)
+    if issubclass(kind, nn.SmoothL1Loss):
+        return F.smooth_l1_loss(inp, target, reduction="none", beta=cfg.beta)
+    if issubclass(kind, nn.BCEWithLogitsLoss):
+        return F.binary_cross_entropy_with_logits(
+            inp, target, weight=cfg.weight, pos_weight=cfg.pos_weight, reduction="none"
+        )
+    if issubclass(kind, nn.BCELoss):
+        return F.binary_cross_entropy(inp, target, weight=cfg.weight, reduction="none")
+    raise TypeError(kind.__name__)  # pragma: no cover - refused at attach
+
+
+def _per_sample_loss(
+    crit: nn.Module | _LossConfig, inp: torch.Tensor, target: torch.Tensor, n: int
+) -> torch.Tensor:
     """One loss per sample: the mean over each sample's elements (tokens, pixels, outputs), skipping
     ``ignore_index`` targets. ``inp`` has ``n`` rows, or ``n * k`` rows flattened batch-major
     (``out.reshape(-1, C)`` of a [n, k, C] output, as token-level losses do).
@@ -112,20 +148,21 @@ def _per_sample_loss(crit: nn.Module, inp: torch.Tensor, target: torch.Tensor, n
     Rows are processed in chunks of about ``_CHUNK_ELEMS`` input elements, so the recomputation's temporaries
     (e.g. cross-entropy's log-softmax over a large vocabulary) stay small next to the step's activations.
     """
+    cfg = crit if isinstance(crit, _LossConfig) else _LossConfig.of(crit)
     rows = inp.shape[0]
-    masked = isinstance(crit, nn.CrossEntropyLoss | nn.NLLLoss) and not target.is_floating_point()
+    masked = issubclass(cfg.kind, nn.CrossEntropyLoss | nn.NLLLoss) and not target.is_floating_point()
     if masked and rows == n and inp.dim() == 2 and target.dim() == 1 and inp.numel() <= _CHUNK_ELEMS:
         # one row per sample, one chunk: the criterion's own per-row loss is the sample's loss (an ignored
         # target gives 0 there, as the masked mean below does); + 0.0 turns -0.0 into 0.0 as the sum below
         # does, so both paths give the same bytes. Saves a handful of small ops on every step.
-        return _elementwise_loss(crit, inp, target).add_(0.0)
-    weights = [getattr(crit, a, None) for a in ("weight", "pos_weight")]
+        return _elementwise_loss(cfg, inp, target).add_(0.0)
+    weights = (cfg.weight, cfg.pos_weight)
     chunkable = all(w is None or w.dim() <= 1 for w in weights)  # per-element weights would need slicing
     step = max(1, _CHUNK_ELEMS // max(1, inp[0].numel())) if chunkable else rows
-    ignore = cast(int, getattr(crit, "ignore_index", -100))
+    ignore = cfg.ignore_index
     sums, counts = [], []
     for s in range(0, rows, step):
-        out = _elementwise_loss(crit, inp[s : s + step], target[s : s + step])
+        out = _elementwise_loss(cfg, inp[s : s + step], target[s : s + step])
         out = out.reshape(out.shape[0], -1)
         if masked:
             keep = torch.ne(target[s : s + step], ignore).reshape(out.shape[0], -1).to(out.dtype)
@@ -150,6 +187,36 @@ def _margins(inp: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     assigned = inp.gather(1, target.view(-1, 1)).squeeze(1)
     others = inp.scatter(1, target.view(-1, 1), float("-inf"))
     return assigned - others.max(dim=1).values
+
+
+def _criterion_values(
+    cfg: _LossConfig, inp: torch.Tensor, target: torch.Tensor, n: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(per-sample losses [n], AUM margins [n] or None: classification on [n, C] only), float32, on the
+    inputs' device."""
+    with torch.no_grad():
+        losses = _per_sample_loss(cfg, inp, target, n).float()
+        if (
+            issubclass(cfg.kind, nn.CrossEntropyLoss | nn.NLLLoss)
+            and inp.shape[0] == n
+            and inp.dim() == 2
+            and target.dim() == 1
+            and not target.is_floating_point()
+        ):
+            return losses, _margins(inp, target).float()
+        return losses, None
+
+
+def _host(t: torch.Tensor) -> torch.Tensor:
+    """A CPU tensor as is (read later, as numpy, on the writer thread), any other copied to the host now."""
+    return t.detach() if t.device.type == "cpu" else t.detach().float().cpu()
+
+
+# Criterion inputs up to this many elements, on the CPU, are copied and their losses and margins computed on the
+# writer thread: the copy is one op on the training thread instead of the ~10 small ops of the recomputation
+# (each 10-25 us inside a training loop, whose kernels have just evicted the interpreter's caches). Larger
+# inputs (token-level logits) are recomputed at once, in bounded chunks, as copying them would cost memory.
+_DEFER_ELEMS = 1 << 15
 
 
 # ----- canonical tensor digests (checkpoint entries) ---------------------------------------------
@@ -284,10 +351,30 @@ class _Micro:
     clip: np.ndarray | None = None
     losses: np.ndarray | None = None
     margins: np.ndarray | None = None
-    # (losses, margins or None) as tensors on the model's device until the micro-batch ends: one transfer
-    # then, instead of a device sync inside the forward pass
-    criterion_out: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    # Host tensors and a deferred recomputation that ``resolve`` turns into the arrays above, on the thread
+    # that builds the step entry (normally the writer thread): until then only references are kept.
+    norms_t: torch.Tensor | None = None
+    clip_t: torch.Tensor | None = None
+    criterion_out: tuple[torch.Tensor, torch.Tensor | None] | None = None  # (losses, margins)
+    criterion_job: Callable[[], tuple[torch.Tensor, torch.Tensor | None]] | None = None
     ended: bool = False
+
+    def resolve(self) -> None:
+        """Fill ``norms`` / ``clip`` / ``losses`` / ``margins`` (float32 numpy) from the kept tensors."""
+        if self.norms_t is not None:
+            self.norms = self.norms_t.float().numpy()
+            self.norms_t = None
+        if self.clip_t is not None:
+            self.clip = self.clip_t.float().numpy()
+            self.clip_t = None
+        if self.criterion_job is not None:
+            self.criterion_out = self.criterion_job()
+            self.criterion_job = None
+        if self.criterion_out is not None:
+            losses, margins = self.criterion_out
+            self.losses = _host(losses).numpy()
+            self.margins = None if margins is None else _host(margins).numpy()
+            self.criterion_out = None
 
 
 @dataclass
@@ -514,6 +601,7 @@ class Tracker:
         self._rule_dtype = "<i1" if n_rules < 1 << 7 else "<i2" if n_rules < 1 << 15 else "<i4"
         self._rule_cache: dict[str, int] = {}
         self._ones_row = np.ones(len(self.layers), dtype=np.float32)
+        self._ones: dict[int, np.ndarray] = {}
         # step v 3: ids through the run's example table, weights by rule from the run entry (ledger.records)
         self._steps = StepEncoder(
             self.layers, self.bound.table if self.bound is not None else self._ones_row[None]
@@ -647,20 +735,17 @@ class Tracker:
                 f"tracker.batch got {n} example ids but the criterion's input has {rows} rows "
                 f"(expected {n}, or a multiple of {n} for outputs flattened batch-major)"
             )
+        cfg = _LossConfig.of(module)
         with torch.no_grad():
             inp_d, tgt_d = inp.detach(), target.detach()
-            losses = _per_sample_loss(module, inp_d, tgt_d, n).float()
-            margins = None
-            classify = isinstance(module, nn.CrossEntropyLoss | nn.NLLLoss)
-            if (
-                classify
-                and rows == n
-                and inp_d.dim() == 2
-                and tgt_d.dim() == 1
-                and not tgt_d.is_floating_point()
-            ):
-                margins = _margins(inp_d, tgt_d).float()
-            micro.criterion_out = (losses, margins)
+            if inp_d.device.type == "cpu" and inp_d.numel() <= _DEFER_ELEMS:  # see _DEFER_ELEMS
+                micro.criterion_out = None
+                micro.criterion_job = functools.partial(
+                    _criterion_values, cfg.detached(), inp_d.clone(), tgt_d.clone(), n
+                )
+            else:
+                micro.criterion_job = None
+                micro.criterion_out = _criterion_values(cfg, inp_d, tgt_d, n)
 
     # ----- user API ---------------------------------------------------------------------------------
     def epoch(self, n: int) -> None:
@@ -807,7 +892,13 @@ class Tracker:
                         raise KeyError(
                             f"example id {i!r} is not in manifest {labels.name!r} (seq {labels.seq})"
                         )
-            return np.tile(self._ones_row, (len(ids), 1)), None
+            ones = self._ones.get(len(ids))
+            if ones is None:  # one read-only all-ones [B, L] array per batch size, shared by the steps
+                if len(self._ones) > 64:
+                    self._ones.clear()
+                ones = self._ones[len(ids)] = np.tile(self._ones_row, (len(ids), 1))
+                ones.flags.writeable = False
+            return ones, None
         cache = self._rule_cache
         rules = np.empty(len(ids), dtype=np.int32)
         for k, i in enumerate(ids):
@@ -821,23 +912,19 @@ class Tracker:
 
     def _end_micro(self, micro: _Micro) -> None:
         res = self.engine.end()
-        # owned copies: the step entry is built later, on the writer thread, whatever the engine does with its
-        # output tensors meanwhile (on the CPU, .numpy() of a float32 tensor would share its memory)
-        micro.norms = res.norms.detach().float().cpu().numpy().copy()
-        if micro.norms.shape != (len(micro.ids), len(self.layers)):
+        # the step entry reads these later, on the writer thread: the engine allocates new result tensors at
+        # every begin(), so keeping references is enough (tests/test_tracker*.py compare every step's values)
+        shape = tuple(res.norms.shape)
+        if shape != (len(micro.ids), len(self.layers)):
             raise RuntimeError(
-                f"engine returned norms of shape {micro.norms.shape}, expected ({len(micro.ids)}, {len(self.layers)})"
+                f"engine returned norms of shape {shape}, expected ({len(micro.ids)}, {len(self.layers)})"
             )
+        micro.norms_t = _host(res.norms)
         if res.clip_factors is not None:
-            micro.clip = res.clip_factors.detach().float().cpu().numpy().copy()
-        if micro.criterion_out is not None:
+            micro.clip_t = _host(res.clip_factors)
+        if micro.criterion_out is not None:  # recomputed at once (not deferred): on the host now
             losses, margins = micro.criterion_out
-            if margins is None:
-                micro.losses = losses.cpu().numpy()
-            else:
-                both = torch.stack((losses, margins)).cpu().numpy()
-                micro.losses, micro.margins = both[0], both[1]
-            micro.criterion_out = None
+            micro.criterion_out = (_host(losses), None if margins is None else _host(margins))
         micro.ended = True
 
     def _param_group_lr(self) -> list[float | None]:
@@ -899,6 +986,8 @@ class Tracker:
             if self.dist.is_writer:
                 self.mechanism.add_noise(local[0])  # N [/ b_0]: scaled to the global mean by the reduction
             self.dist.reduce_dp_grads(self.mechanism.params, local[0], global_rows, self.loss_reduction)
+        for m in pending.micros:
+            m.resolve()
         rows = [
             (m.ids, m.norms, m.weights, m.rules, m.losses, m.margins, m.clip, m.epoch) for m in pending.micros
         ]
@@ -930,7 +1019,8 @@ class Tracker:
             with torch.no_grad():
                 before = self._before
                 torch._foreach_sub_(before, self._flat_params)  # before := before - after, in place
-                sq = torch.stack(torch._foreach_norm(before)).double().square().cpu().tolist()  # one sync
+                norms = torch.stack(torch._foreach_norm(before)).tolist()  # one sync
+            sq = [x * x for x in norms]  # float64, as .double().square() would give
             update, k = [], 0
             for ps in self.layer_params:
                 update.append(math.sqrt(math.fsum(sq[k : k + len(ps)])))
@@ -973,6 +1063,8 @@ class Tracker:
         dp_state: tuple[int | None, float | None] | None,
     ) -> tuple[str, dict[str, Any], dict[str, np.ndarray], int]:
         """The ``step`` entry ``(kind, body, payloads, v)``; runs on the writer thread (see StepWriter)."""
+        for m in micros:
+            m.resolve()
         ids = [i for m in micros for i in m.ids]
         norms = np.concatenate([m.norms for m in micros if m.norms is not None]).astype(
             np.float32, copy=False

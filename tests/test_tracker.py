@@ -97,7 +97,12 @@ def make_opt(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD([{"params": body}, {"params": head, "lr": 0.05}], lr=0.1, momentum=0.9)
 
 
-def test_steps_match_independent_oracles(led: Any) -> None:
+@pytest.mark.parametrize("defer", [True, False], ids=["losses-on-writer", "losses-at-once"])
+def test_steps_match_independent_oracles(led: Any, defer: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    from instrument import tracker as T
+
+    if not defer:  # every criterion input recomputed in the forward hook instead of on the writer thread
+        monkeypatch.setattr(T, "_DEFER_ELEMS", -1)
     model = make_model()
     opt = make_opt(model)
     crit = nn.CrossEntropyLoss()
@@ -810,3 +815,38 @@ def test_update_norm_buffers_are_kept_between_steps_and_released_by_pause_and_cl
     assert len(got) == 3
     for g, e in zip(got, expect, strict=True):
         np.testing.assert_allclose(g, e, rtol=1e-12)
+
+
+def test_losses_use_the_criterion_settings_of_their_own_step(led: Any) -> None:
+    """Losses recomputed later (on the writer thread) use the settings and class weights the step ran with,
+    not ones the loop changes afterwards, nor logits it modifies in place after the loss."""
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    crit = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64))
+    tr = attach(model, opt, ledger=led, run="s", criterion=crit, max_pending=8)
+    x, y = data(8)
+    y[0] = 1
+    expect = []
+    for smoothing, ignore in [(0.0, -100), (0.2, 1), (0.1, 2)]:
+        crit.label_smoothing, crit.ignore_index = smoothing, ignore
+        with torch.no_grad():
+            logits = model(x)
+        per = nn.functional.cross_entropy(
+            logits, y, weight=crit.weight, ignore_index=ignore, label_smoothing=smoothing, reduction="none"
+        )
+        expect.append(per.numpy().copy())
+        with tr.batch([f"e{i}" for i in range(8)]):
+            out = model(x)
+            crit(out, y).backward()
+            out.data.zero_()  # in place after the loss: the recorded losses must not see it
+            opt.step()
+            opt.zero_grad()
+        crit.weight.mul_(3.0)  # in place after the step: not the weights this step ran with
+    tr.flush()
+    recs = list(led.steps("s"))
+    assert len(recs) == 3
+    for rec, e in zip(recs, expect, strict=True):
+        assert rec.losses is not None
+        np.testing.assert_allclose(rec.losses, e.astype(np.float32), rtol=1e-6)
+    assert float(recs[1].losses[0]) == 0.0  # y[0] = 1 was ignored in step 1 only
+    tr.close()
