@@ -438,9 +438,11 @@ def _sqlite_engine(path: Path, create: bool) -> Engine:
         # isolation_level=None: the driver never opens transactions itself; the "begin" hook below does.
         con = sqlite3.connect(uri, uri=True, timeout=120, isolation_level=None, check_same_thread=False)
         if create:
-            # 64 KiB pages keep a step's payload on one page instead of a chain of 4 KiB overflow pages
-            # (about 2x faster verify reads); no-op on a database that already has content.
-            con.execute("PRAGMA page_size=65536")
+            # 4 KiB pages: a step's 16 KiB grad_norms fill four overflow pages almost exactly, where 64 KiB
+            # pages held three such rows and left ~1/8 of each page empty (~2 KB per step); 12% smaller
+            # ledgers for ~15-20% more append CPU, verify within 5% (BENCHMARKS.md, "Scale run"). No-op on a
+            # database that already has content (older ledgers keep their 64 KiB pages).
+            con.execute("PRAGMA page_size=4096")
             con.execute("PRAGMA journal_mode=WAL")
         con.execute("PRAGMA synchronous=FULL")
         con.execute(f"PRAGMA mmap_size={SQLITE_MMAP_BYTES}")
