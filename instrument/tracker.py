@@ -738,7 +738,11 @@ class Tracker:
         cfg = _LossConfig.of(module)
         with torch.no_grad():
             inp_d, tgt_d = inp.detach(), target.detach()
-            if inp_d.device.type == "cpu" and inp_d.numel() <= _DEFER_ELEMS:  # see _DEFER_ELEMS
+            if (  # see _DEFER_ELEMS; under autocast the recomputation must run here, in the same context
+                inp_d.device.type == "cpu"
+                and inp_d.numel() <= _DEFER_ELEMS
+                and not torch.is_autocast_enabled("cpu")
+            ):
                 micro.criterion_out = None
                 micro.criterion_job = functools.partial(
                     _criterion_values, cfg.detached(), inp_d.clone(), tgt_d.clone(), n

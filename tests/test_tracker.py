@@ -850,3 +850,34 @@ def test_losses_use_the_criterion_settings_of_their_own_step(led: Any) -> None:
         np.testing.assert_allclose(rec.losses, e.astype(np.float32), rtol=1e-6)
     assert float(recs[1].losses[0]) == 0.0  # y[0] = 1 was ignored in step 1 only
     tr.close()
+
+
+def test_losses_under_cpu_autocast_are_computed_as_the_criterion_computed_them(led: Any) -> None:
+    """Under autocast the recomputation runs inside the criterion's context (cross-entropy upcast to float32),
+    not later on the writer thread, where bfloat16 logits would give bfloat16-rounded losses."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 5))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    crit = nn.CrossEntropyLoss()
+    tr = attach(model, opt, ledger=led, run="ac", criterion=crit)
+    x, y = torch.randn(8, 6) * 3, torch.randint(0, 5, (8,))
+    with torch.no_grad():
+        logits = model(x).to(torch.bfloat16)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expect = nn.functional.cross_entropy(logits, y, reduction="none")
+        plain_bf16 = nn.functional.cross_entropy(logits, y, reduction="none").float()
+    assert expect.dtype == torch.float32 and not torch.equal(
+        expect, plain_bf16
+    )  # the test can tell them apart
+    with tr.batch([f"e{i}" for i in range(8)]):
+        out = model(x).to(torch.bfloat16)  # the engine runs the layers outside autocast
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = crit(out, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    tr.flush()
+    (rec,) = list(led.steps("ac"))
+    assert rec.losses is not None
+    np.testing.assert_array_equal(rec.losses, expect.numpy())
+    tr.close()
