@@ -531,9 +531,10 @@ def test_archive_bench_quick() -> None:
     spec.loader.exec_module(mod)
     out = mod.main(["--quick", "--json"])["sqlite"]
     a = out["archive"]
-    assert a["entries"] == 256 and 3 * 256 <= a["payloads"] <= 4 * 256  # weight_index: steps with 2+ rows
+    # which payloads a step carries besides grad_norms depends on the step encoding (scale.py's generator)
+    assert a["entries"] == 256 and 256 <= a["payloads"] <= 5 * 256
     b = out["bytes"]
-    assert 256 * 64 * (16 * 4 + 4 + 1) <= b["raw_payloads"] <= 256 * 64 * (16 * 4 + 4 + 1 + 1)
-    assert b["db_after_vacuum"] < b["db_before"] and 0 < b["segments"]
+    assert 256 * 64 * 16 * 4 <= b["raw_payloads"] <= 256 * 64 * (16 * 4 + 4 + 4 + 1 + 1)
+    assert b["db_after_vacuum"] < b["db_before"] and b["segments"] > 0
     assert out["verify_with_segments"]["MB_rehashed"] > b["raw_payloads"] / 1e6
     assert out["verify_without_segments"]["payloads_not_rehashed"] == a["payloads"]
