@@ -113,8 +113,8 @@ def _report(res: ArchiveResult, as_json: bool) -> None:
         click.echo(f"database {before:,} -> {after:,} bytes (vacuumed)")
     elif res.free_bytes_after is not None:
         click.echo(
-            f"database {after:,} bytes: SQLite keeps the freed space inside its pages "
-            "(--vacuum rewrites the file and returns it)"
+            f"database {after:,} bytes, {res.free_bytes_after:,} of them free pages that later appends reuse; "
+            "space freed inside partly used pages stays there (--vacuum rewrites the file and returns both)"
         )
     else:
         click.echo(
