@@ -64,7 +64,6 @@ from sqlalchemy import (
 
 from ledger import indexers
 from ledger import schema as ledger_schema
-from ledger.canonical import payload_array
 from ledger.records import RunSteps, RunTable, step_weights
 
 NAME = "query_aggregates"
@@ -830,12 +829,10 @@ def _run_steps(conn: Connection, r: _Run) -> RunSteps | None:
     return _RUN_STEPS[r.leaf_hash]
 
 
-_TABLE_PAYLOADS = ("example_index", "rules")
-
-
 def _read_steps(conn: Connection, run_seq: int, c: _TableCache, after: int, before: int) -> None:
-    """Read the run's step entries with ``after < seq < before`` into the cached example table, in seq order."""
-    e, p = ledger_schema.entries, ledger_schema.payloads
+    """Read the run's step entries with ``after < seq < before`` into the cached example table, in seq order
+    (bodies only: the table is in them, so archived payloads do not matter)."""
+    e = ledger_schema.entries
     lo = after
     while lo < before - 1:
         q = (
@@ -851,14 +848,10 @@ def _read_steps(conn: Connection, run_seq: int, c: _TableCache, after: int, befo
             body = json.loads(bytes(raw))
             if body.get("run_seq") != run_seq or "example_ids" in body:
                 continue
-            pq = select(p.c.name, p.c.dtype, p.c.shape, p.c.data).where(
-                p.c.seq == seq, p.c.name.in_(_TABLE_PAYLOADS)
-            )
-            pls = {n: payload_array(dt, sh, bytes(d)) for n, dt, sh, d in conn.execute(pq)}
             with contextlib.suppress(
                 ValueError
-            ):  # a malformed step: the table took what it could, as a reader's
-                c.table.read(int(seq), body, pls)
+            ):  # a malformed step: the table is unchanged, as in every reader
+                c.table.extend(int(seq), body)
             c.through, c.leaf = int(seq), bytes(leaf)
         lo = int(rows[-1][0])
 

@@ -521,7 +521,7 @@ def _label_profile(
 def _rules(ledger: Ledger, info: _RunInfo, positions: dict[int, list[int]], ex: str) -> list[dict[str, Any]]:
     """The policy rule(s) the example matched in these steps ({seq: its rows}, from ``qa_steps``): a step's
     ``rules`` payload, or for a step v 3 without one the rule the run's example table holds for the example
-    (its ``rules`` value in the step that brought it in, which is its first step)."""
+    (``new_rules`` of the step that brought it in, which is its first step)."""
     if info.policy_seq is None or not positions:
         return []
     from instrument.policy import Policy
@@ -531,13 +531,14 @@ def _rules(ledger: Ledger, info: _RunInfo, positions: dict[int, list[int]], ex: 
     table_rule: int | None = None
     for seq, rows in sorted(positions.items()):
         e = ledger.entry(seq)
+        new, new_rules = e.body.get("new_ids") or [], e.body.get("new_rules")
+        if table_rule is None and ex in new and isinstance(new_rules, list) and len(new_rules) == len(new):
+            table_rule = new_rules[new.index(ex)]
         rules = e.payloads.get("rules")
         if rules is not None:
-            if table_rule is None and ex in e.body.get("new_ids", ()):
-                table_rule = int(rules[rows[0]])
             for p in rows:
                 counts[int(rules[p])] = counts.get(int(rules[p]), 0) + 1
-        elif "example_ids" not in e.body and table_rule is not None:
+        elif "example_ids" not in e.body and isinstance(table_rule, int):
             counts[table_rule] = counts.get(table_rule, 0) + len(rows)
     return [
         {"rule": r, "name": policy.rule_name(r), "policy": policy.name, "sample_steps": c}

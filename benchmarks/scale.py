@@ -1,25 +1,30 @@
 """Scale run: a simulated 1M-example x 10-epoch training run (B=256, 16 layers: ~39k steps, 10M sample-steps)
 appended to SQLite and to PostgreSQL through the real path, then verified, queried and proved.
 
-Each step is what ``instrument.tracker`` writes (step v 2): body with 256 example ids ("ex-0001234"), the layer
-names, lr, update norms, policy seq, flags and the compact routing-weight rows; payloads ``grad_norms`` <f4
-[B, L], ``weight_index`` <u1 [B], ``rules`` <i1 [B], ``losses`` <f4 [B]. Steps are appended ``--chunk`` per
-transaction (what the tracker's background writer does when steps wait) with the query-aggregates indexer on,
-as a real run has it. Payloads are generated before each chunk's timer starts.
+Each step is what ``instrument.tracker`` writes (step v 3, ``ledger.records.StepEncoder``): ``grad_norms`` <f4
+[B, L] and ``losses`` <f4 [B]; the example ids through the run's example table (each id once, in the first-epoch
+step that meets it: ``new_ids``; then an ``example_index`` payload of 3 bytes per row for 1M examples); each
+example's policy rule once (``rules`` <i1 in first-epoch steps only) and the weights by rule from the run entry's
+``weight_table``; a body with the step, epoch, one learning rate (cosine schedule, shared by the layers) and 16
+full-precision update norms. ``--step-format 2`` writes the previous format (ids, layer names, weight rows and
+rules in every step) from the same generator. Steps are appended ``--chunk`` per transaction (what the tracker's
+background writer does when steps wait) with the query-aggregates indexer on, as a real run has it. Payloads
+are generated before each chunk's timer starts.
 
-Reported per backend: append time as a ratio to raw ``hashlib.sha256`` over the same payload bytes (measured on
-the same bytes in the same run); ledger size in bytes per sample-layer-step (core tables: entries, payloads,
-tree nodes; the query-aggregates tables separately; database files in total), with a split into a per
-sample-layer rate and a per-step constant from the stored byte counts; full ``verify`` time and MB/s; ``query
-layer`` latency (median of 3, whole run, top 20); inclusion-proof generation and verification time (medians over
-200 random entries).
+Reported per backend: append time (wall and process CPU) as a ratio to raw ``hashlib.sha256`` over the same
+payload bytes (measured on the same bytes in the same run); ledger size in bytes per sample-layer-step (core
+tables: entries, payloads, tree nodes; the query-aggregates tables separately; database files in total) and the
+per-step constant beyond the 4-byte norms; full ``verify`` time (wall and CPU) and MB/s; ``query layer`` latency
+(median of 3, whole run, top 20); inclusion-proof generation and verification time (medians over 200 random
+entries); the load average before and after.
 
 ``--steps N`` appends only the first N steps of the schedule and extrapolates append and verify time linearly to
 the full run (their per-step costs are flat: O(log n) tree work per append, a linear scan for verify); the output
-says which figures are measured and which extrapolated.
+says which figures are measured and which extrapolated. Sizes from a prefix are not the run's: first-epoch steps
+carry their examples' ids, later ones 3 bytes per row; shrink ``--examples`` instead for a smaller whole run.
 
     python benchmarks/scale.py                         # full: SQLite and PostgreSQL
-    python benchmarks/scale.py --db sqlite --steps 4000
+    python benchmarks/scale.py --db sqlite --examples 100000
     python benchmarks/scale.py --quick                 # seconds (SQLite only)
 """
 
@@ -159,6 +164,8 @@ def _sizes(led: Ledger, sqlite_path: Path | None) -> dict[str, int]:
         out[group] += size
     if sqlite_path is not None:
         out["files"] = sum(p.stat().st_size for p in sqlite_path.parent.glob(sqlite_path.name + "*"))
+        with led.engine.connect() as conn:
+            out["sqlite_page_size"] = int(conn.exec_driver_sql("PRAGMA page_size").scalar_one())
     else:
         out["files"] = sum(tables.values())
     return out
@@ -191,15 +198,19 @@ def bench(target: str, a: argparse.Namespace, sqlite_path: Path | None) -> dict[
     n = 0
     chunk: list[Any] = []
     t_wall = time.perf_counter()
+    append_cpu = 0.0
+    load = [round(x, 1) for x in os.getloadavg()]
 
     def flush() -> None:
-        nonlocal hash_s, append_s, payload_bytes
+        nonlocal hash_s, append_s, payload_bytes, append_cpu
         t0 = time.perf_counter()
         for _, _, pl, _ in chunk:
             for arr in pl.values():
                 hashlib.sha256(arr.tobytes()).digest()
         t1 = time.perf_counter()
+        c1 = time.process_time()
         led.append_many(chunk)
+        append_cpu += time.process_time() - c1
         t2 = time.perf_counter()
         hash_s += t1 - t0
         append_s += t2 - t1
@@ -221,6 +232,7 @@ def bench(target: str, a: argparse.Namespace, sqlite_path: Path | None) -> dict[
     sample_layer_steps = n * a.batch * a.layers
     res: dict[str, Any] = {
         "db": led.dialect,
+        "step_format": a.step_format,
         "steps": n,
         "full_run_steps": full,
         "sample_steps": n * a.batch,
@@ -228,6 +240,7 @@ def bench(target: str, a: argparse.Namespace, sqlite_path: Path | None) -> dict[
         "chunk": a.chunk,
         "append_s": round(append_s, 2),
         "append_ms_per_step": round(1000 * append_s / n, 3),
+        "append_cpu_ms_per_step": round(1000 * append_cpu / n, 3),
         "hash_s_same_payload_bytes": round(hash_s, 3),
         "append_over_hash": round(append_s / hash_s, 1),
         "payload_MB": round(payload_bytes / 1e6, 1),
@@ -239,6 +252,7 @@ def bench(target: str, a: argparse.Namespace, sqlite_path: Path | None) -> dict[
     pay, body, n_steps = _logical_bytes(led)
     res["bytes"] = sizes
     res["core_bytes_per_sample_layer_step"] = round(sizes["core"] / sample_layer_steps, 3)
+    res["core_per_step_constant_bytes"] = round((sizes["core"] - 4 * sample_layer_steps) / n)
     res["all_bytes_per_sample_layer_step"] = round(sizes["files"] / sample_layer_steps, 3)
     # logical split: grad_norms are the B x L part (4 bytes); the rest is per sample (ids, losses, rule, row index)
     # and per step (layer names, lr, hashes, descriptors)
@@ -250,11 +264,12 @@ def bench(target: str, a: argparse.Namespace, sqlite_path: Path | None) -> dict[
         "stored_core_total": round(sizes["core"] / n),
     }
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     v = led.verify()
     verify_s = time.perf_counter() - t0
     assert v.ok, v.reason
     res["verify_s"] = round(verify_s, 2)
+    res["verify_cpu_s"] = round(time.process_time() - c0, 2)  # the process: verify reads in a prefetch thread
     res["verify_MB_per_s"] = round(v.bytes_hashed / 1e6 / verify_s, 1)
     if scale > 1:
         res["verify_s_extrapolated_full_run"] = round(verify_s * scale, 1)
@@ -283,6 +298,7 @@ def bench(target: str, a: argparse.Namespace, sqlite_path: Path | None) -> dict[
         gen.append(t1 - t0)
         ver.append(t2 - t1)
     res["inclusion_proof_ms"] = {"generate": _median_ms(gen), "verify": _median_ms(ver), "entries": size}
+    res["load_avg_1_5_15"] = {"start": load, "end": [round(x, 1) for x in os.getloadavg()]}
     led.close()
     return res
 

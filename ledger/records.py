@@ -28,10 +28,11 @@ Step entry (kind ``step``, v 3; v 1 and v 2 are still read), written by ``instru
   <f4 [B] (when a criterion is attached), ``margins`` <f4 [B] (classification criteria: logit of the assigned
   label minus the largest other logit), ``rules`` <i1/<i2/<i4 [B] (index of the policy rule each example matched,
   -1 = the policy default; with a policy; the narrowest type that holds the policy's rule indices), ``clip`` <f4
-  [B] (DP clipping factors). v 3: the example table also holds each example's rule (the ``rules`` value of its
-  first row in the step that brought it in), and ``rules`` is written only in steps that bring new examples
-  or where a row's rule differs from its example's; a step without it reads its rows' rules from the table
-  (the tracker routes each id once, so after the first epoch steps carry none).
+  [B] (DP clipping factors). v 3: the example table also holds each example's rule: ``new_rules`` (one per
+  new id: the rule of its first row in that step) beside ``new_ids``; ``rules`` is written only when a row's
+  rule differs from its example's, and a step without it reads its rows' rules from the table (the tracker
+  routes each id once, so its steps carry none). The table is in the bodies alone: archived payloads do not
+  hide it.
 * routing weights [B, L]. v 1: payload ``weights`` <f4 [B, L]. v 2: body ``weight_rows`` = the step's distinct
   weight rows (lists of L numbers, sorted; float32 values, exact through JSON) and payload ``weight_index``
   <u1 (<u2, <u4 for more rows) [B] = each sample's row, omitted when there is one row: ``weights =
@@ -180,56 +181,59 @@ def decode_index(arr: Any) -> np.ndarray | None:
 
 
 class RunTable:
-    """One run's example table as a reader rebuilds it from the run's step entries, fed in ledger order."""
+    """One run's example table as a reader rebuilds it from the run's step entries, fed in ledger order. The
+    table comes from the bodies alone (``new_ids``, ``new_rules``), so archived payloads never hide it."""
 
     def __init__(self) -> None:
         self.ids: list[str] = []
         self.rules: list[int | None] = []  # each example's rule when the run met it (None: the step had none)
 
-    def read(
-        self, seq: int, body: dict[str, Any], payloads: dict[str, Any]
-    ) -> tuple[list[str], np.ndarray | None]:
-        """The step's example ids and per-row rule ids (its ``rules`` payload, else the table's; None when a row
-        has none), after adding the step's new examples to the table.
-
-        ValueError (naming ``seq``) for a malformed step. The table takes the new examples whenever ``new_ids``
-        and ``first_index`` are valid, even if the rest of the step is not, so every reader (these records, the
-        query aggregates) holds the same table after a bad step."""
+    def extend(self, seq: int, body: dict[str, Any]) -> int:
+        """Add the step's new examples; return the table's length before them. ValueError (naming ``seq``, table
+        unchanged) when ``new_ids`` / ``new_rules`` / ``first_index`` are malformed or do not follow on."""
         new = body.get("new_ids", [])
         first = len(self.ids)
         if not isinstance(new, list) or not all(isinstance(x, str) for x in new):
             raise ValueError(f"step entry {seq}: new_ids must be a list of strings")
+        rules = body.get("new_rules", [None] * len(new))
+        if (
+            not isinstance(rules, list)
+            or len(rules) != len(new)
+            or not all(type(r) is int for r in rules if r is not None)
+        ):
+            raise ValueError(f"step entry {seq}: new_rules must be a list of integers, one per new id")
         if new and body.get("first_index") != first:
             raise ValueError(
                 f"step entry {seq}: its new examples start at table index {body.get('first_index')!r}, but the "
                 f"run's earlier steps hold {first} examples (a step of the run is missing or out of order)"
             )
         self.ids.extend(new)
+        self.rules.extend(rules)
+        return first
+
+    def read(
+        self, seq: int, body: dict[str, Any], payloads: dict[str, Any]
+    ) -> tuple[list[str], np.ndarray | None]:
+        """The step's example ids and per-row rule ids (its ``rules`` payload, else the table's; None when a row
+        has none), after adding the step's new examples to the table (:meth:`extend`, which happens even when
+        the rows are malformed, so every reader holds the same table after a bad step). ValueError naming
+        ``seq`` for a malformed step."""
+        first = self.extend(seq, body)
         n = len(self.ids)
         raw = payloads.get("example_index")
         idx = np.arange(first, n, dtype=np.int64) if raw is None else decode_index(raw)
-        ok = idx is not None and (not idx.size or int(idx.max()) < n)
-        rules = payloads.get("rules")
-        if rules is not None:
-            rules = np.asarray(rules)
-            if idx is None or rules.shape != idx.shape or rules.dtype.kind != "i":
-                ok, rules = False, None
-        new_rules: list[int | None] = [None] * len(new)
-        if ok and rules is not None and new:
-            assert idx is not None
-            seen, rows = np.unique(idx, return_index=True)  # each example's first row
-            for i, p in zip(seen.tolist(), rows.tolist(), strict=True):
-                if i >= first:
-                    new_rules[i - first] = int(rules[p])
-        self.rules.extend(new_rules)
-        if not ok or idx is None:
+        if idx is None or (idx.size and int(idx.max()) >= n):
             raise ValueError(
                 f"step entry {seq}: example_index is malformed or points past the run's examples"
             )
         at = idx.tolist()
         ids = self.ids
         out = [ids[i] for i in at]
+        rules = payloads.get("rules")
         if rules is not None:
+            rules = np.asarray(rules)
+            if rules.shape != idx.shape or rules.dtype.kind != "i":
+                raise ValueError(f"step entry {seq}: rules must be integers, one per row")
             return out, rules.astype(np.int32)
         table_rules = [self.rules[i] for i in at]
         return out, None if None in table_rules else np.array(table_rules, dtype=np.int32)
@@ -342,10 +346,13 @@ class StepEncoder:
         if rules is None:
             return fields
         r = np.asarray(rules)
-        if n_new:
-            first_rows = np.unique(idx, return_index=True)[1]  # in index order: the new examples come last
-            self._rules[first:n] = r[first_rows[-n_new:]]
-        elif np.array_equal(self._rules[idx], r):
+        if n_new:  # each new example's rule: the one of its first row here
+            first_rows = np.unique(idx, return_index=True)[1][
+                -n_new:
+            ]  # in index order: the new ones come last
+            self._rules[first:n] = r[first_rows]
+            fields["new_rules"] = r[first_rows].tolist()
+        if np.array_equal(self._rules[idx], r):
             del payloads["rules"]  # every row's rule is its example's: readers take them from the table
         return fields
 

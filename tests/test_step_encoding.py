@@ -211,7 +211,8 @@ def test_v3_encoding_is_what_was_asked_for() -> None:
     first = [enc.encode(b, p, w) for _, b, p, w in steps]
     b0, p0 = first[0]
     assert b0["new_ids"] == steps[0][1]["example_ids"] and b0["first_index"] == 0
-    assert "example_index" not in p0 and "rules" in p0  # rows = the new examples in order; their rules kept
+    assert "example_index" not in p0 and "rules" not in p0  # rows = the new examples in order
+    assert b0["new_rules"] == steps[0][2]["rules"].tolist()  # their rules, once, in the body
     assert "layers" not in b0 and "weight_rows" not in b0 and "example_ids" not in b0 and "flags" not in b0
     later = first[len(first) // 2 + 1 :]
     plain = [(b, p) for b, p in later if "new_ids" not in b and "weight_rows" not in b]
@@ -326,6 +327,34 @@ def test_v3_rule_rows_without_a_run_table(tmp_path: Path) -> None:
             led.append(kind, b3, p3, v=3)
         got = [r.weights.tobytes() for r in led.steps("r3")]
         assert got == [np.asarray(w, np.float32).tobytes() for *_, w in steps]
+
+
+def test_v3_table_is_in_the_bodies_so_archived_payloads_do_not_hide_it(
+    tmp_path: Path, small_folds: None
+) -> None:
+    """Archive the run's first steps (their payload bytes leave the database), empty the indexer's table cache
+    and append the rest: the table is rebuilt from the bodies; records (segments found) and aggregates match."""
+    from ledger.archive import archive_run
+
+    with Ledger.open(tmp_path / "ref.db", create=True) as ref:  # v 2, a stand-in where the archive entry goes
+        ref_seq = ref.append("run", _run3())
+        v2 = [(k, b, p, 2) for k, b, p, _ in _v2_steps("r3", ref_seq, 0)]
+        ref.append_many(v2[:8])
+        ref.append("marker", {})
+        ref.append_many(v2[8:])
+        want = _qa_dump(ref)
+        want_records = [(r.example_ids, r.rule_ids.tolist()) for r in ref.steps("r3")]  # type: ignore[union-attr]
+    with Ledger.open(tmp_path / "a.db", create=True) as led:
+        run_seq = led.append("run", _run3())
+        enc = StepEncoder(LAYERS3, TABLE3)
+        items = [(k, *enc.encode(b, p, w), 3) for k, b, p, w in _v2_steps("r3", run_seq, 0)]
+        led.append_many(items[:8])
+        archive_run(led, "r3", led.size, tmp_path / "segments")
+        aggregates._TABLE_CACHE.clear()
+        led.append_many(items[8:])
+        assert _qa_dump(led) == want
+        got = [(r.example_ids, r.rule_ids.tolist()) for r in led.steps("r3")]  # type: ignore[union-attr]
+        assert got == want_records
 
 
 def test_v3_reader_finds_a_missing_step(tmp_path: Path) -> None:
