@@ -22,16 +22,18 @@ How it hooks in, and why this way:
 * Per-sample losses and AUM margins come from a forward hook on the *criterion module* passed to ``attach``:
   it sees the model output and the targets without changing the user's code. The loss is recomputed under
   ``no_grad`` with ``reduction="none"`` and averaged over each sample's elements (tokens of a sequence,
-  skipping ``ignore_index``; inputs flattened batch-major to [B*T, C] are understood). Supported:
+  skipping ``ignore_index``; inputs flattened batch-major to [B*T, C] are understood): at once for large or
+  non-CPU inputs, else from a copy of the inputs and settings on the writer thread (``_DEFER_ELEMS``). Supported:
   ``CrossEntropyLoss``, ``NLLLoss`` (these also give margins for [B, C] inputs: the assigned label's logit minus
   the largest other one), ``MSELoss``, ``L1Loss``, ``SmoothL1Loss``, ``HuberLoss``, ``BCEWithLogitsLoss``,
   ``BCELoss``; any other criterion is refused at attach. ``criterion=None`` records no losses or margins.
   (``CrossEntropyLoss(weight=...)`` records the class-weighted per-sample loss, unnormalised.)
 * Optimizer step pre/post hooks close the step: the pre-hook collects the engine's norms, adds DP noise, reads
-  each layer's learning rate and snapshots the parameters; the post-hook computes ``||Δθ_l||`` and appends ONE
-  ``step`` entry (one ledger transaction: the step is either fully recorded or absent). The snapshot is a
-  transient copy of the trainable parameters during ``optimizer.step()`` only (activations are already freed
-  then); ``update_norms=False`` skips it.
+  each layer's learning rate and copies the parameters into buffers kept from step to step; the post-hook
+  computes ``||Δθ_l||`` and hands the step to the ledger writer (``StepWriter``), which builds, encodes and
+  appends the ``step`` entry on its own thread, several waiting steps per transaction; a step is either fully
+  recorded or absent. The parameter copy costs one copy of the trainable parameters in memory (alive from the
+  first step to ``pause()`` / ``close()``) and ~5 passes over them per step; ``update_norms=False`` skips it.
 * Gradient accumulation: several ``tracker.batch`` contexts followed by one ``optimizer.step()`` (inside the
   last context or after it) make one step entry covering all their examples in order; ``micro_batches`` records
   the sizes. Each sample's norm is of its own loss within its micro-batch (Opacus scaling per micro-batch).
@@ -400,12 +402,12 @@ class StepWriter:
     Group commit: the writer waits until half of ``max_pending`` steps are queued, or the oldest queued step
     has waited ``linger`` seconds, or someone calls ``flush``/``close``, and appends everything queued in ONE
     ``append_many`` transaction. A transaction's fixed cost (BEGIN IMMEDIATE, reading the head and Merkle
-    frontier, the indexers' per-transaction reads, the commit) is ~0.7 ms of CPU against ~0.1-0.3 ms per
-    entry, so this cuts the append's CPU per step about threefold. A step is still either fully in the ledger
-    or absent (a transaction holds whole entries only). What a crash loses: the steps not yet committed,
-    never more than ``max_pending`` (``submit`` blocks while that many are uncommitted) and never older than
-    ``linger`` plus one commit; ``flush`` waits until everything submitted is committed, and ``close`` (and
-    interpreter exit) flushes. An append error is sticky: re-raised (chained) by every later ``submit`` /
+    frontier, the indexers' per-transaction reads, the commit) was ~0.6-0.7 ms of CPU against ~0.2-0.3 ms per
+    step entry (SQLite, B = 64-256): groups of 4 (the default) halve the append's CPU per step. A step is still
+    either fully in the ledger or absent (a transaction holds whole entries only). What a crash loses: the
+    steps not yet committed, never more than ``max_pending`` (``submit`` blocks while that many are
+    uncommitted), and a queued step waits at most about ``linger`` plus a commit in progress; ``flush`` waits
+    until everything submitted is committed, and ``close`` (and interpreter exit) flushes. An append error is sticky: re-raised (chained) by every later ``submit`` /
     ``flush`` / ``close``, and no later step is appended. ``max_pending=0`` appends synchronously in
     ``submit``.
     """
@@ -1150,8 +1152,9 @@ def attach(
     ``labels``: the dataset :class:`ledger.provenance.Manifest` (required with a policy; every example id must be
     in it). ``seed``: recorded in the run entry and, when ``dp.seed`` is unset, used as the DP noise seed
     (gradledger does not seed torch for you). ``criterion``: the loss module the loop calls, for per-sample
-    losses and margins. ``update_norms=False``: skip ``||Δθ_l||`` (saves a transient parameter copy per
-    step). ``max_pending``: steps appended on a background thread (see :class:`StepWriter`); 0 = synchronous.
+    losses and margins. ``update_norms=False``: skip ``||Δθ_l||`` (saves a kept parameter copy and its passes per
+    step). ``max_pending``: at most this many steps wait for the background writer (see :class:`StepWriter`:
+    group commit, and what a crash loses); 0 = one synchronous append inside ``optimizer.step()``.
     ``sketch``: an :class:`instrument.sketch.Sketcher` whose per-sample gradient sketches go into each step
     entry (for ``gradledger influence``). ``states``: an :class:`instrument.sketch.StateStore` that keeps each
     checkpoint's weights beside the ledger, addressed by the checkpoint entry's digest.
