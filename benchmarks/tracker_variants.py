@@ -19,7 +19,9 @@ The main benchmark (the figures in BENCHMARKS.md, "Training tracker")::
     .venv/bin/python benchmarks/tracker_variants.py --quick              # seconds; tests/test_tracker_bench.py
 
 runs plain, norms (engine only), ledger, ledger_async (and ``base_ledger`` / ``base_async``: the same with the
-tracker module from another file, e.g. ``git show REV:instrument/tracker.py > /tmp/base/tracker.py``) round-
+tracker module from another file, e.g. ``git show REV:instrument/tracker.py > /tmp/base/tracker.py``; the
+tracker before the group-commit writer, ccf6db7, writes step v 2 bodies, so BENCHMARKS.md's baseline is that
+file with ``benchmarks/tracker_base_v3.patch`` applied: the step v 3 encoder lines, nothing else) round-
 robin in one process with ``--threads 1`` and reports, per variant, the medians over rounds of: the training
 thread's CPU time (``time.thread_time``), the whole process's CPU time (``time.process_time``: training thread
 plus the background writer), and wall time, each as a ratio to ``plain`` from the same run. Each timed round

@@ -1,0 +1,36 @@
+"""benchmarks/tracker_variants.py --quick runs every variant, with a baseline tracker module loaded from a file,
+and reports sane numbers (speed is not tested)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def test_quick_tracker_benchmark_with_a_baseline(capsys: pytest.CaptureFixture[str]) -> None:
+    import tracker_variants
+
+    baseline = str(ROOT / "instrument" / "tracker.py")  # any copy of the module; here the current one
+    assert (
+        tracker_variants.main(["--quick", "--json", "--models", "mlp,cnn", "--baseline-tracker", baseline])
+        == 0
+    )
+    out = json.loads(capsys.readouterr().out)
+    rows = out["rows"]
+    names = {"plain", "norms", "ledger", "ledger_async", "base_ledger", "base_async"}
+    for model in ("mlp", "cnn"):
+        assert {r["variant"] for r in rows if r["model"] == model} == names
+    for r in rows:
+        for clock in ("thread", "process", "wall"):
+            assert r[f"{clock}_ms"] > 0 and r[f"{clock}_x_plain"] > 0
+        if r["variant"] == "plain":
+            assert r["thread_x_plain"] == r["process_x_plain"] == r["wall_x_plain"] == 1.0
+    assert len(out["load"]) == 2 and out["rounds"] == 2
