@@ -195,13 +195,21 @@ ChunkMaker = Callable[[int, int, Tensor], Tensor]
 
 
 def reduce_per_sample(
-    b: int, numel: int, chunk: int, make: ChunkMaker, norm_sq: Tensor, scale: Tensor | None, keep_sum: bool
+    b: int,
+    numel: int,
+    chunk: int,
+    make: ChunkMaker,
+    norm_sq: Tensor,
+    scale: Tensor | None,
+    keep_sum: bool,
+    buffered: bool = True,
 ) -> Tensor | None:
     """Norms and (optionally) the weighted sum of per-sample gradients materialised ``chunk`` samples at a time.
 
     ``make(lo, hi, out)`` returns samples ``lo:hi``'s gradients as ``[hi - lo, numel]``, written into ``out``
-    (a view of one buffer reused by every chunk) when it can. Adds each sample's squared norm to ``norm_sq``;
-    returns ``Σ_i scale_i · g_i`` (flat, all-ones when ``scale`` is None) or None if not ``keep_sum``.
+    (a view of one buffer reused by every chunk; an empty tensor when not ``buffered``, for makers whose op
+    has no ``out=``). Adds each sample's squared norm to ``norm_sq``; returns ``Σ_i scale_i · g_i`` (flat,
+    all-ones when ``scale`` is None) or None if not ``keep_sum``.
 
     Why one reused buffer and ``addmv_``: a fresh chunk-sized tensor per chunk costs page faults and a
     separate sum pass, which together cost as much as the batched per-sample product itself (CPU, T=32
@@ -211,16 +219,17 @@ def reduce_per_sample(
     """
     dt, dev = norm_sq.dtype, norm_sq.device
     chunk = max(1, min(b, chunk))
-    buf = torch.empty(chunk * numel, dtype=dt, device=dev)
+    buf = torch.empty(chunk * numel if buffered else 0, dtype=dt, device=dev)
     acc = torch.zeros(numel, dtype=dt, device=dev) if keep_sum else None
     w = None
     if acc is not None:
         w = torch.ones(b, dtype=dt, device=dev) if scale is None else scale.to(dt)
     for lo in range(0, b, chunk):
         hi = min(b, lo + chunk)
-        ps = make(lo, hi, buf[: (hi - lo) * numel])
+        ps = make(lo, hi, buf[: (hi - lo) * numel] if buffered else buf)
         norm_sq[lo:hi] += torch.linalg.vector_norm(ps, dim=1).square_()
         if acc is not None:
             assert w is not None
             acc.addmv_(ps.t(), w[lo:hi])
+        del ps  # a maker without ``out=`` returns a fresh chunk: free it before making the next one
     return acc

@@ -223,7 +223,7 @@ def _materialise(
             assert ps is not None
             return ps
 
-        acc = reduce_per_sample(b, numel, chunk, by_groups, norm_sq, scale, keep_sum)
+        acc = reduce_per_sample(b, numel, chunk, by_groups, norm_sq, scale, keep_sum, buffered=False)
         return None if acc is None else acc.view_as(weight)
 
     # unfolded patches Uᵢ [groups, d_in, L] times backprops Gᵢᵀ [groups, L, d_out]: per-sample gradients in
