@@ -18,7 +18,7 @@ The main benchmark (the figures in BENCHMARKS.md, "Training tracker")::
     .venv/bin/python benchmarks/tracker_variants.py --baseline-tracker /tmp/base/tracker.py
     .venv/bin/python benchmarks/tracker_variants.py --quick              # seconds; tests/test_tracker_bench.py
 
-runs plain, norms (engine only), ledger, ledger_async (and ``base_ledger`` / ``base_async``: the same with the
+runs plain, norms (engine only), ledger, ledger_async, routing_async (ledger_async under the routing policy; and ``base_ledger`` / ``base_async``: the same with the
 tracker module from another file, e.g. ``git show REV:instrument/tracker.py > /tmp/base/tracker.py``; the
 tracker before the group-commit writer, ccf6db7, writes step v 2 bodies, so BENCHMARKS.md's baseline is that
 file with ``benchmarks/tracker_base_v3.patch`` applied: the step v 3 encoder lines, nothing else) round-
@@ -196,6 +196,7 @@ def pairs(baseline_attach: Any = None) -> dict[str, Pair]:
         "norms": lambda m, x, y: (VARIANTS["norms"](m, x, y), None),
         "ledger": lambda m, x, y: _tracked_pair(m, x, y, routed=False, max_pending=0),
         "ledger_async": lambda m, x, y: _tracked_pair(m, x, y, routed=False, max_pending=8),
+        "routing_async": lambda m, x, y: _tracked_pair(m, x, y, routed=True, max_pending=8),
     }
     if baseline_attach is not None:
         a = baseline_attach

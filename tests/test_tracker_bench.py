@@ -25,7 +25,7 @@ def test_quick_tracker_benchmark_with_a_baseline(capsys: pytest.CaptureFixture[s
     )
     out = json.loads(capsys.readouterr().out)
     rows = out["rows"]
-    names = {"plain", "norms", "ledger", "ledger_async", "base_ledger", "base_async"}
+    names = {"plain", "norms", "ledger", "ledger_async", "routing_async", "base_ledger", "base_async"}
     for model in ("mlp", "cnn"):
         assert {r["variant"] for r in rows if r["model"] == model} == names
     for r in rows:
