@@ -146,6 +146,26 @@ def test_barred_example_bit_identical_and_shallow_layers_still_train(reduction: 
     assert deep and shallow
 
 
+@pytest.mark.parametrize("path", ["linear-materialise", "linear-gram", "conv-groups", "conv-unfold"])
+def test_barred_example_bit_identical_on_every_kernel_path(
+    monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    """The bit-identity above on each way a kernel can form the routed gradient (forced, several chunks)."""
+    from instrument.kernels import conv as conv_mod
+    from instrument.kernels import linear as linear_mod
+
+    family, mode = path.split("-")
+    if family == "linear":
+        monkeypatch.setattr(linear_mod, "use_gram", lambda t, d_in, d_out, deferred=False: mode == "gram")
+        monkeypatch.setattr(linear_mod, "MATERIALISE_BUDGET", 200)
+    else:
+        monkeypatch.setattr(conv_mod, "PER_SAMPLE_MODE", mode)
+        monkeypatch.setattr(conv_mod, "MATERIALISE_BUDGET", 300)
+    test_barred_example_bit_identical_and_shallow_layers_still_train(
+        "mean", "block" if family == "linear" else "cnn"
+    )
+
+
 def test_linear_bit_identical_to_plain_autograd_without_example() -> None:
     """On the Linear GEMM path the routed gradient is even bit-identical to plain autograd's."""
     torch.manual_seed(3)
