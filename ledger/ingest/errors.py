@@ -19,6 +19,11 @@ class IngestError(ValueError):
         self.item = item  # 0-based position of the element in a JSON array export, when known
         super().__init__(self._format())
 
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        # Exceptions pickle as cls(*args) = cls(message): rebuild from the fields instead (parallel ingest
+        # raises these in worker processes and re-raises them here).
+        return (_rebuild, (self.path, self.line, self.field, self.reason, self.item))
+
     def _format(self) -> str:
         where = self.path
         if self.line is not None:
@@ -30,6 +35,10 @@ class IngestError(ValueError):
             parts.append(f"field {self.field!r}")
         parts.append(self.reason.replace("\n", " "))
         return ": ".join(parts)
+
+
+def _rebuild(path: str, line: int | None, field: str | None, reason: str, item: int | None) -> IngestError:
+    return IngestError(path, line, field, reason, item=item)
 
 
 class FieldError(ValueError):

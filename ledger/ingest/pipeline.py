@@ -29,7 +29,7 @@ from ledger.canonical import CanonicalJSON, canonical_body
 from ledger.errors import CanonicalError
 from ledger.ingest import generic_format as generic
 from ledger.ingest import index as _index
-from ledger.ingest import labelbox_format, labelstudio_format
+from ledger.ingest import labelbox_format, labelstudio_format, parallel
 from ledger.ingest.context import ParseContext
 from ledger.ingest.errors import FieldError, IngestError
 from ledger.ingest.pseudonym import Pseudonymizer, open_key
@@ -373,17 +373,22 @@ def ingest(
     model_version: str | None = None,
     chunk: int = DEFAULT_CHUNK,
     announce: Any = None,
+    workers: int | None = None,
 ) -> IngestSummary:
     """Ingest one export file (``source``: labelbox | labelstudio | jsonl). Raises IngestError, appends nothing
-    on any error. ``ledger`` may be an open Ledger or a path / URL (created if missing)."""
+    on any error. ``ledger`` may be an open Ledger or a path / URL (created if missing).
+
+    ``workers``: processes that parse an NDJSON export in parallel (``ledger.ingest.parallel``; same entries
+    as a serial ingest). None: one per core for exports of 64 MiB and more, else none; 0: serial.
+    """
     if source not in SOURCES:
         raise ValueError(f"source must be one of {', '.join(SOURCES)}, got {source!r}")
     if isinstance(ledger, Ledger):
         return _ingest(source, os.fspath(path), ledger, project, pseudonym_key, identity_map, max_item_bytes,
-                       checkpoint_seq, model_version, chunk, announce)  # fmt: skip
+                       checkpoint_seq, model_version, chunk, announce, workers)  # fmt: skip
     with Ledger.open(os.fspath(ledger), create=True) as led:
         return _ingest(source, os.fspath(path), led, project, pseudonym_key, identity_map, max_item_bytes,
-                       checkpoint_seq, model_version, chunk, announce)  # fmt: skip
+                       checkpoint_seq, model_version, chunk, announce, workers)  # fmt: skip
 
 
 def _ingest(
@@ -398,6 +403,7 @@ def _ingest(
     model_version: str | None,
     chunk: int,
     announce: Any,
+    workers: int | None,
 ) -> IngestSummary:
     if not os.path.isfile(path):
         raise IngestError(path, None, None, "no such file")
@@ -406,18 +412,51 @@ def _ingest(
         if isinstance(pseudonym_key, Pseudonymizer)
         else open_key(pseudonym_key, _ledger_file(ledger), identity_map, announce=announce)
     )
-    ctx = ParseContext(pseud, project=project, checkpoint_seq=checkpoint_seq, model_version=model_version)
     sha, size = _file_sha256(path)
-    run = _Run(source, path, ledger, ctx, chunk, sha, size)
     is_csv = source == "jsonl" and path.lower().endswith(".csv")
-    reader: Any = (
-        generic.CsvReader(path, max_item_bytes=max_item_bytes)
-        if is_csv
-        else ExportReader(path, max_item_bytes=max_item_bytes)
-    )
-    if is_csv:
+    if workers is None:
+        workers = parallel.default_workers(path)
+    if workers > 0 and source != "labelstudio" and not is_csv:
+        try:
+            return _ingest_once(source, path, ledger, pseud, project, max_item_bytes, checkpoint_seq,
+                                model_version, chunk, sha, size, is_csv, workers)  # fmt: skip
+        except parallel.Fallback:
+            pass  # rolled back: read the file serially, exactly (see ledger.ingest.parallel)
+    return _ingest_once(source, path, ledger, pseud, project, max_item_bytes, checkpoint_seq, model_version,
+                        chunk, sha, size, is_csv, 0)  # fmt: skip
+
+
+def _ingest_once(
+    source: str,
+    path: str,
+    ledger: Ledger,
+    pseud: Pseudonymizer,
+    project: str | None,
+    max_item_bytes: int,
+    checkpoint_seq: int | None,
+    model_version: str | None,
+    chunk: int,
+    sha: str,
+    size: int,
+    is_csv: bool,
+    workers: int,
+) -> IngestSummary:
+    ctx = ParseContext(pseud, project=project, checkpoint_seq=checkpoint_seq, model_version=model_version)
+    run = _Run(source, path, ledger, ctx, chunk, sha, size)
+    reader: Any = None
+    if workers:
+        # Fallback unless the first line holds one whole value
+        first = parallel.first_element(path, max_item_bytes)
+        try:
+            run.detect(first, 1, 0, False)
+        except IngestError:
+            raise parallel.Fallback from None  # the serial reader names the exact line
+    elif is_csv:
+        reader = generic.CsvReader(path, max_item_bytes=max_item_bytes)
         run.fmt = generic.FORMAT_CSV
         run.item_set = set()
+    else:
+        reader = ExportReader(path, max_item_bytes=max_item_bytes)
     # ONE write transaction for the whole export, appended in chunks as it streams (memory bounded by a
     # chunk); each chunk's duplicate and seed lookups read through the same connection, so they see the
     # chunks before it. Any error rolls back everything.
@@ -440,10 +479,17 @@ def _ingest(
             _index.has_any(conn, "suggestion", "labelbox") or _index.has_any(conn, "suggestion", "gradledger")
         )
         run.encoder = RecordEncoder(path, run.export_ref, run.labelbox_suggestions)
-        for line, idx, element in reader:
-            run.add(run.parse(element, line, idx, reader.mode == "array"))
+        if workers:
+            assert run.fmt is not None
+            setup = parallel.WorkerSetup(source, run.fmt, path, run.export_ref, run.labelbox_suggestions, pseud,
+                                         project, checkpoint_seq, model_version, max_item_bytes)  # fmt: skip
+            read_sha, read_size = parallel.run_blocks(run, setup, workers)
+        else:
+            for line, idx, element in reader:
+                run.add(run.parse(element, line, idx, reader.mode == "array"))
+            read_sha, read_size = reader.sha256, reader.size
         run.flush()
-        if reader.sha256 != sha or reader.size != size:
+        if read_sha != sha or read_size != size:
             raise IngestError(path, None, None, "the file changed while it was being ingested")
         items = run.items_counted if run.item_set is None else len(run.item_set)
         counts = {

@@ -66,6 +66,11 @@ class Pseudonymizer:
         self.key_id = hmac.new(key, _KEY_ID_DOMAIN, hashlib.sha256).hexdigest()[:16]
         self._sub: Callable[[re.Match[str]], str] = lambda m: self.pseudonym(m.group(0))
 
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        # For parallel-ingest workers: the same key and identity map, a fresh cache (the bound ``_sub``
+        # lambda cannot be pickled anyway). The pipe to a child process never leaves the machine.
+        return (Pseudonymizer, (self._key, self._map_path))
+
     @classmethod
     def from_file(
         cls, path: str | os.PathLike[str], identity_map: str | os.PathLike[str] | None = None
@@ -100,6 +105,20 @@ class Pseudonymizer:
         if isinstance(obj, list):
             return [self.scrub(v) for v in obj]
         return obj
+
+    def take_new_pairs(self) -> dict[str, str]:
+        """Pseudonym -> identity pairs first seen since the last call (a parallel-ingest worker hands them to
+        the writing process, which adds them with ``add_pairs``; only that process writes the map)."""
+        out, self._new_pairs = self._new_pairs, {}
+        self._known_in_map.update(out)
+        return out
+
+    def add_pairs(self, pairs: dict[str, str]) -> None:
+        if self._map_path is None:
+            return
+        for pseud, ident in pairs.items():
+            if pseud not in self._known_in_map:
+                self._new_pairs[pseud] = ident
 
     def flush_identity_map(self) -> int:
         """Append the pairs first seen in this session to the identity map file (mode 0600)."""
