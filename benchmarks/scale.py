@@ -35,6 +35,7 @@ import hashlib
 import json
 import math
 import os
+import sqlite3
 import statistics
 import sys
 import tempfile
@@ -334,6 +335,12 @@ def main(argv: list[str] | None = None) -> int:
         default=STEP_VERSION,
         help="2: the previous format",
     )
+    ap.add_argument(
+        "--sqlite-page-size",
+        type=int,
+        default=None,
+        help="page size of the SQLite file (default: the store's, 4096; 65536 = ledgers made before 268d524)",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the SQLite file (for inspection)")
     a = ap.parse_args(argv)
     if a.quick:
@@ -345,6 +352,11 @@ def main(argv: list[str] | None = None) -> int:
     if a.db in ("sqlite", "both"):
         d = Path(a.dir or tempfile.mkdtemp(prefix="gl-scale-"))
         path = d / f"scale-{uuid.uuid4().hex[:6]}.db"
+        if a.sqlite_page_size:  # an empty database with that page size; the ledger is created inside it
+            con = sqlite3.connect(path)
+            con.execute(f"PRAGMA page_size={int(a.sqlite_page_size)}")
+            con.execute("VACUUM")
+            con.close()
         try:
             out["sqlite"] = bench(str(path), a, path)
         finally:

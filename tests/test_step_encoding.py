@@ -408,6 +408,7 @@ def test_scale_benchmark_quick() -> None:
     )  # fmt: skip
     res = json.loads(out.stdout)["sqlite"]
     assert res["steps"] == res["full_run_steps"] == 2 * (8192 // 64)
+    assert res["step_format"] == 3 and res["bytes"]["sqlite_page_size"] == 4096
     assert res["append_over_hash"] > 1
     # the grad_norms alone are 4 bytes per sample-layer-step; the stored ledger holds at least that
     assert res["logical_bytes_per_step"]["grad_norms"] == 64 * 16 * 4
