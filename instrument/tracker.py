@@ -77,7 +77,11 @@ from .policy import BoundPolicy, Policy
 # ----- per-sample losses ---------------------------------------------------------------------------
 
 
-_CHUNK_ELEMS = 1 << 18  # input elements per chunk when recomputing losses (bounds the log_softmax temporary)
+# Input elements per chunk when recomputing losses: bounds the log-softmax temporary (256 KiB in float32), but
+# never more than _MAX_CHUNKS chunks per call (a 50k vocabulary would otherwise mean one row per chunk, and each
+# chunk costs a few small ops): the temporary then is at most 1/_MAX_CHUNKS of the input, which already exists.
+_CHUNK_ELEMS = 1 << 16
+_MAX_CHUNKS = 64
 
 
 @dataclass(frozen=True)
@@ -140,6 +144,33 @@ def _elementwise_loss(cfg: _LossConfig, inp: torch.Tensor, target: torch.Tensor)
     raise TypeError(kind.__name__)  # pragma: no cover - refused at attach
 
 
+def _class_losses(cfg: _LossConfig, inp: torch.Tensor, target: torch.Tensor, step: int) -> list[torch.Tensor]:
+    """Cross-entropy / NLL with reduction='none', ``step`` rows at a time (the pieces, in order)."""
+    rows = inp.shape[0]
+    if rows <= step:
+        return [_elementwise_loss(cfg, inp, target)]
+    if issubclass(cfg.kind, nn.CrossEntropyLoss) and cfg.label_smoothing == 0.0 and inp.dim() >= 2:
+        # ATen's cross-entropy is nll_loss(log_softmax(x)) (same bytes, tests/test_tracker.py): one log-softmax
+        # buffer for every chunk instead of a new temporary per chunk, which on the CPU could come from a fresh
+        # mapping each time, with its page faults (2-3x the chunk's own time, depending on the allocator's state)
+        buf = torch.empty((step, *inp.shape[1:]), dtype=inp.dtype, device=inp.device)
+        parts = []
+        for s in range(0, rows, step):
+            x = inp[s : s + step]
+            logp = torch.log_softmax(x, 1, out=buf[: x.shape[0]])
+            parts.append(
+                F.nll_loss(
+                    logp,
+                    target[s : s + step],
+                    weight=cfg.weight,
+                    ignore_index=cfg.ignore_index,
+                    reduction="none",
+                )
+            )
+        return parts
+    return [_elementwise_loss(cfg, inp[s : s + step], target[s : s + step]) for s in range(0, rows, step)]
+
+
 def _per_sample_loss(
     crit: nn.Module | _LossConfig, inp: torch.Tensor, target: torch.Tensor, n: int
 ) -> torch.Tensor:
@@ -153,29 +184,30 @@ def _per_sample_loss(
     cfg = crit if isinstance(crit, _LossConfig) else _LossConfig.of(crit)
     rows = inp.shape[0]
     masked = issubclass(cfg.kind, nn.CrossEntropyLoss | nn.NLLLoss) and not target.is_floating_point()
-    if masked and rows == n and inp.dim() == 2 and target.dim() == 1 and inp.numel() <= _CHUNK_ELEMS:
-        # one row per sample, one chunk: the criterion's own per-row loss is the sample's loss (an ignored
-        # target gives 0 there, as the masked mean below does); + 0.0 turns -0.0 into 0.0 as the sum below
-        # does, so both paths give the same bytes. Saves a handful of small ops on every step.
-        return _elementwise_loss(cfg, inp, target).add_(0.0)
     weights = (cfg.weight, cfg.pos_weight)
     chunkable = all(w is None or w.dim() <= 1 for w in weights)  # per-element weights would need slicing
-    step = max(1, _CHUNK_ELEMS // max(1, inp[0].numel())) if chunkable else rows
-    ignore = cfg.ignore_index
-    sums, counts = [], []
+    step = max(1, _CHUNK_ELEMS // max(1, inp[0].numel()), -(-rows // _MAX_CHUNKS)) if chunkable else rows
+    if masked:
+        # the criterion's output has the target's shape (one number per token / pixel, 0 where ignored): the
+        # chunks only bound the log-softmax temporaries; the masked mean runs once, over all rows
+        parts = _class_losses(cfg, inp, target, step)
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)
+        if rows == n and out.dim() == 1:
+            # one number per sample: it is the sample's loss (the masked mean of one element below gives the
+            # same bytes: an ignored target's 0, and -0.0 turned into 0.0 by the + 0.0)
+            return out.add_(0.0)
+        keep = torch.ne(target, cfg.ignore_index).to(out.dtype)
+        total = (out * keep).reshape(n, -1).sum(1)
+        return total / keep.reshape(n, -1).sum(1).clamp(min=1)
+    sums = []
+    width = 1
     for s in range(0, rows, step):
         out = _elementwise_loss(cfg, inp[s : s + step], target[s : s + step])
         out = out.reshape(out.shape[0], -1)
-        if masked:
-            keep = torch.ne(target[s : s + step], ignore).reshape(out.shape[0], -1).to(out.dtype)
-            sums.append((out * keep).sum(1))
-            counts.append(keep.sum(1))
-        else:
-            sums.append(out.sum(1))
-            counts.append(torch.full((out.shape[0],), out.shape[1], dtype=out.dtype, device=out.device))
+        width = out.shape[1]
+        sums.append(out.sum(1))
     total = torch.cat(sums).reshape(n, -1).sum(1)
-    count = torch.cat(counts).reshape(n, -1).sum(1)
-    return total / count.clamp(min=1)
+    return total / max(1, width * (rows // n))
 
 
 SUPPORTED_CRITERIA = (

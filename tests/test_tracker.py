@@ -881,3 +881,34 @@ def test_losses_under_cpu_autocast_are_computed_as_the_criterion_computed_them(l
     assert rec.losses is not None
     np.testing.assert_array_equal(rec.losses, expect.numpy())
     tr.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(48, 7), (6, 7, 3, 4)], ids=["tokens", "pixels"])
+def test_chunked_cross_entropy_gives_the_bytes_of_one_pass(
+    dtype: torch.dtype, shape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Many chunks through one reused log-softmax buffer (nll_loss of log_softmax, as ATen computes
+    cross-entropy) give the same bytes as a single F.cross_entropy pass, weights and ignore_index included."""
+    from instrument import tracker as T
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(*shape, generator=g, dtype=dtype) * 3
+    t_shape = (shape[0], *shape[2:])
+    y = torch.randint(0, shape[1], t_shape, generator=g)
+    y.view(-1)[::5] = 2
+    for crit in (
+        nn.CrossEntropyLoss(),
+        nn.CrossEntropyLoss(ignore_index=2, weight=torch.rand(shape[1], generator=g, dtype=dtype) + 0.5),
+    ):
+        one = T._per_sample_loss(crit, x, y, 6)
+        monkeypatch.setattr(T, "_CHUNK_ELEMS", 1)  # one row per chunk
+        many = T._per_sample_loss(crit, x, y, 6)
+        cfg = T._LossConfig.of(crit)
+        pieces = torch.cat(T._class_losses(cfg, x, y, 1))
+        monkeypatch.undo()
+        assert many.numpy().tobytes() == one.numpy().tobytes()
+        whole = nn.functional.cross_entropy(
+            x, y, weight=crit.weight, ignore_index=crit.ignore_index, reduction="none"
+        )
+        assert pieces.numpy().tobytes() == whole.numpy().tobytes()
