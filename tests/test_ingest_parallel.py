@@ -140,3 +140,15 @@ def test_errors_are_the_serial_ones_and_append_nothing(tmp_path: Path) -> None:
     with pytest.raises(IngestError, match="expected string or integer id, got number") as ei:
         ingest.labelbox(p, led, pseudonym_key=pseud(), workers=2)
     assert ei.value.line == 34 and ei.value.field == "data_row.id" and led.size == 1
+
+
+@pytest.mark.postgres
+def test_postgresql_serial_and_parallel(tmp_path: Path, pg_url: str) -> None:
+    export = tmp_path / "lb.ndjson"
+    export.write_bytes(_rows(20))
+    with Ledger.open(pg_url, create=True) as led:
+        s = ingest.labelbox(export, led, pseudonym_key=pseud(), workers=2)
+        again = ingest.labelbox(FIXTURES / "labelbox_export_v2.ndjson", led, pseudonym_key=pseud(), workers=0)
+        assert s.records > 0 and again.records == 6
+        bodies = [e.body_bytes for e in led.entries(kind="annotation", payloads=False)]
+        assert len(bodies) == s.records + 6 and led.verify(deep=True).ok

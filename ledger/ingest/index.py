@@ -43,23 +43,24 @@ class IngestIndex:
         self.float_rtol = 0.0
 
     def apply(self, conn: Connection, entries: Sequence[Any]) -> None:
-        rows = []
+        hints = _hints()
+        rows: list[tuple[int, str, str, str, str | None]] = []
         for e in entries:
-            h = _hints().pop(e.seq, None)
+            h = hints.pop(e.seq, None)
             if h is not None and h[0] == e.kind:
-                rows.append({"seq": e.seq, "kind": h[0], "source": h[1], "ref": h[2], "digest": h[3]})
+                rows.append((e.seq, *h))
                 continue
             ref = _ref_of(e.kind, e.body)
             if ref is not None:
-                rows.append({"seq": e.seq, "kind": e.kind, **ref})
+                rows.append((e.seq, e.kind, ref["source"], ref["ref"], ref["digest"]))  # type: ignore[arg-type]
         if rows and conn.dialect.name == "sqlite":  # driver executemany: no per-row SQLAlchemy processing
             raw: Any = conn.connection.driver_connection
             raw.executemany(
-                "INSERT INTO ingest_refs (seq, kind, source, ref, digest) VALUES (?, ?, ?, ?, ?)",
-                [(r["seq"], r["kind"], r["source"], r["ref"], r["digest"]) for r in rows],
+                "INSERT INTO ingest_refs (seq, kind, source, ref, digest) VALUES (?, ?, ?, ?, ?)", rows
             )
         elif rows:
-            conn.execute(refs.insert(), rows)
+            cols = ("seq", "kind", "source", "ref", "digest")
+            conn.execute(refs.insert(), [dict(zip(cols, r, strict=True)) for r in rows])
 
 
 # The body field that names each kind's reference. Entries of these kinds written by other tools (a
