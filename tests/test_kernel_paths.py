@@ -149,3 +149,25 @@ def test_layer_norm_saved_and_recomputed_statistics() -> None:
     model = TwoNorms().double()
     check_model(model, torch.randn(4, 3, 5, dtype=torch.float64) * 3 + 1, "mean")
     check_model(model.float(), torch.randn(4, 3, 5) * 3 + 1, "sum", tol=1e-4)
+
+
+def test_layer_norm_kernel_input_narrower_than_backprops() -> None:
+    """Under autocast a LayerNorm's input can be narrower than its output/backprops (fp16 in, fp32 out); both
+    x̂ paths then compute in the backprops' dtype and equal the float64 per-sample gradients."""
+    from instrument.kernels import Call, Request
+    from instrument.kernels import layer_norm as ln_mod
+
+    torch.manual_seed(0)
+    ln = nn.LayerNorm(6).double()
+    x64 = torch.randn(3, 4, 6, dtype=torch.float64) * 2 + 1
+    g64 = torch.randn(3, 4, 6, dtype=torch.float64)
+    x32 = x64.float()
+    xhat = F.layer_norm(x32.double(), (6,), None, None, ln.eps)
+    ref = torch.cat([(g64 * xhat).sum(1), g64.sum(1)], 1).norm(dim=1)
+    mean, var = x32.double().mean(-1, keepdim=True), x32.double().var(-1, unbiased=False, keepdim=True)
+    saved = (mean.float(), (var + ln.eps).rsqrt().float())
+    for stats in (None, saved):
+        call = Call((x32,), {}, None, 1, [0], [(g64.shape, g64.dtype, g64.device)], [g64], True, stats)
+        res = ln_mod.layer_norm_kernel(ln, [call], Request())
+        assert res.norm_sq.dtype == torch.float64
+        assert_rel_close(res.norm_sq.sqrt(), ref, 1e-6, f"stats={'saved' if stats else 'recomputed'}")

@@ -36,9 +36,10 @@ def layer_norm_kernel(module: nn.Module, calls: list[Call], req: Request) -> Lay
         x, g = call.input, call.grad_output
         if call.saved is not None:
             mean, rstd = call.saved
-            xhat = (x - mean).mul_(rstd).to(g.dtype)
+            xhat = (x - mean).mul_(rstd)
         else:  # ATen's own layer norm without affine (one fused pass; var_mean + arithmetic was ~5x slower)
             xhat = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
-        return {"weight": reduce_to(xhat.mul_(g), n), "bias": reduce_to(g, n)}
+        # a fresh tensor in g's dtype (under autocast the input can be narrower than the output), so in place
+        return {"weight": reduce_to(xhat.to(g.dtype).mul_(g), n), "bias": reduce_to(g, n)}
 
     return materialised(module, calls, per_sample)
