@@ -121,13 +121,24 @@ def lookup(
     """{(source, id): (seq, digest)} of the latest entry of ``kind`` for each id (optionally one source)."""
     out: dict[tuple[str, str], tuple[int, str | None]] = {}
     uniq = sorted(set(ids))
+    sqlite = conn.dialect.name == "sqlite"
     for i in range(0, len(uniq), IN_CHUNK):
-        q = select(refs.c.source, refs.c.ref, refs.c.seq, refs.c.digest).where(
-            refs.c.kind == kind, refs.c.ref.in_(uniq[i : i + IN_CHUNK])
-        )
-        if source is not None:
-            q = q.where(refs.c.source == source)
-        for src, ref, seq, digest in conn.execute(q):
+        part = uniq[i : i + IN_CHUNK]
+        if sqlite:  # through the driver: SQLAlchemy renders an expanding IN per parameter (~14% of ingest)
+            sql = f"SELECT source, ref, seq, digest FROM ingest_refs WHERE kind = ? AND ref IN ({','.join('?' * len(part))})"
+            params: list[Any] = [kind, *part]
+            if source is not None:
+                sql += " AND source = ?"
+                params.append(source)
+            rows: Iterable[Any] = conn.connection.driver_connection.execute(sql, params)  # type: ignore[union-attr]
+        else:
+            q = select(refs.c.source, refs.c.ref, refs.c.seq, refs.c.digest).where(
+                refs.c.kind == kind, refs.c.ref.in_(part)
+            )
+            if source is not None:
+                q = q.where(refs.c.source == source)
+            rows = conn.execute(q)
+        for src, ref, seq, digest in rows:
             key = (src, ref)
             if key not in out or out[key][0] < seq:
                 out[key] = (int(seq), digest)

@@ -96,7 +96,7 @@ class Encoded(NamedTuple):
     kind: str  # "annotation" | "suggestion"
     ref: str  # label id | suggestion id
     line: int | None
-    body: CanonicalJSON | None
+    body: bytes | None  # canonical body bytes (plain bytes pickle ~3x faster than CanonicalJSON)
     digest: str | None
     status: str | None
     human: bool
@@ -116,7 +116,8 @@ class RecordEncoder:
         out = []
         for r in recs:
             if isinstance(r, SuggestionRecord):
-                body, digest = self.encode_one(r)
+                cj, digest = self.encode_one(r)
+                body = bytes(cj)
                 out.append(
                     Encoded("suggestion", r.suggestion_id, r.line, body, digest, None, False, False, None)
                 )
@@ -126,7 +127,8 @@ class RecordEncoder:
                 out.append(Encoded("annotation", r.label_id, r.line, None, None, r.status,
                                    r.producer_kind == "human", False, r))  # fmt: skip
             else:
-                body, digest = self.encode_one(r)
+                cj, digest = self.encode_one(r)
+                body = bytes(cj)
                 out.append(Encoded("annotation", r.label_id, r.line, body, digest, r.status,
                                    r.producer_kind == "human", bool(r.seeded_from), None))  # fmt: skip
         return out
@@ -340,9 +342,9 @@ class _Run:
         return IngestError(self.path, None, None, f"cannot encode the record: {exc}")
 
 
-def _whole_body(body: CanonicalJSON) -> Mapping[str, Any]:
+def _whole_body(body: bytes) -> Mapping[str, Any]:
     """A body given as its canonical bytes (``Ledger`` accepts ``CanonicalJSON`` for a whole body)."""
-    return cast("Mapping[str, Any]", body)
+    return cast("Mapping[str, Any]", body if type(body) is CanonicalJSON else CanonicalJSON(body))
 
 
 def parse_element(
