@@ -509,8 +509,13 @@ class StepWriter:
         """Queue an entry, or a function returning ``(kind, body, payloads, v)`` that the writer thread calls
         just before appending (it must only read data the caller no longer changes)."""
         if self.sync:
-            kind, body, payloads, v = item() if callable(item) else item
-            self.ledger.append(kind, body, payloads, v=v)
+            self._raise()  # as in the background path: no step is recorded after a lost one
+            try:
+                kind, body, payloads, v = item() if callable(item) else item
+                self.ledger.append(kind, body, payloads, v=v)
+            except BaseException as exc:
+                self._error = exc
+                raise
             return
         cv = self._cv
         with cv:

@@ -140,6 +140,26 @@ def test_synchronous_writer_appends_inside_submit() -> None:
     w.close()
 
 
+def test_synchronous_writer_failures_are_sticky_too() -> None:
+    """A caller that catches a failed synchronous append and trains on must not leave a silent gap."""
+    led = FakeLedger()
+    w = StepWriter(led, max_pending=0)
+    w.submit_lazy(entry(0))
+
+    def broken() -> Any:
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        w.submit_lazy(broken)
+    with pytest.raises(RuntimeError, match="appending a step entry failed: disk full"):
+        w.submit_lazy(entry(2))
+    with pytest.raises(RuntimeError, match="disk full"):
+        w.flush()
+    with pytest.raises(RuntimeError, match="disk full"):
+        w.close()
+    assert steps_of(led.calls) == [0]
+
+
 # ----- a training process killed at a random moment ----------------------------------------------------
 
 B, MAX_PENDING = 4, 4
