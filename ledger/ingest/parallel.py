@@ -1,9 +1,9 @@
 """Parallel ingest of NDJSON exports: worker processes decode, normalise and encode; this process appends.
 
-Why: one process tops out at ~12k labels/s on the benchmark export, three quarters of it in decoding,
-normalising and encoding labels (Python code per label); appending is the rest. Worker processes do the
-per-label work on the other cores while this process keeps the single write transaction, the duplicate and
-seed lookups and the file order.
+Why: one process tops out at ~14k labels/s on the benchmark export (73 us of CPU per label), about half of
+it decoding, normalising and encoding labels (Python code per label) and half appending. Worker processes
+do the per-label work on the other cores while this process keeps the single write transaction, the
+duplicate and seed lookups and the file order (39 us per label left here; see BENCHMARKS.md).
 
 Determinism: blocks of whole lines go out in file order and their results come back in the same order
 (through a bounded window, so memory stays bounded), one element at a time into the same ``_Run`` the
