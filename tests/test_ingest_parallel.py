@@ -152,3 +152,17 @@ def test_postgresql_serial_and_parallel(tmp_path: Path, pg_url: str) -> None:
         assert s.records > 0 and again.records == 6
         bodies = [e.body_bytes for e in led.entries(kind="annotation", payloads=False)]
         assert len(bodies) == s.records + 6 and led.verify(deep=True).ok
+
+
+def test_no_worker_processes_means_a_serial_ingest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kw: object) -> None:
+        raise OSError("no processes here")
+
+    monkeypatch.setattr(parallel.subprocess, "Popen", refuse)
+    export = tmp_path / "lb.ndjson"
+    export.write_bytes(_rows(10))
+    led = Ledger.open(tmp_path / "l.db", create=True)
+    s = ingest.labelbox(export, led, pseudonym_key=pseud(), workers=2)
+    serial = Ledger.open(tmp_path / "s.db", create=True)
+    ingest.labelbox(export, serial, pseudonym_key=pseud(), workers=0)
+    assert s.records > 0 and _entries(led) == _entries(serial)

@@ -154,16 +154,22 @@ class _Pool:
 
     def __init__(self, setup: WorkerSetup, workers: int) -> None:
         boot = "import sys; sys.path[:0] = sys.argv[1:]; from ledger.ingest.parallel import worker_main; worker_main()"
-        self.procs = [
-            subprocess.Popen(
-                [sys.executable, "-c", boot, *sys.path], stdin=subprocess.PIPE, stdout=subprocess.PIPE
-            )
-            for _ in range(workers)
-        ]
-        self.to = [Connection(os.dup(p.stdin.fileno()), readable=False) for p in self.procs]  # type: ignore[union-attr]
-        self.back = [Connection(os.dup(p.stdout.fileno()), writable=False) for p in self.procs]  # type: ignore[union-attr]
-        for c in self.to:
-            c.send(setup)
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.to: list[Connection] = []
+        self.back: list[Connection] = []
+        try:
+            for _ in range(workers):
+                p = subprocess.Popen(
+                    [sys.executable, "-c", boot, *sys.path], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+                )
+                self.procs.append(p)
+                self.to.append(Connection(os.dup(p.stdin.fileno()), readable=False))  # type: ignore[union-attr]
+                self.back.append(Connection(os.dup(p.stdout.fileno()), writable=False))  # type: ignore[union-attr]
+            for c in self.to:
+                c.send(setup)
+        except BaseException:
+            self.close(ok=False)
+            raise
 
     def close(self, ok: bool) -> None:
         for c in self.to:
@@ -186,7 +192,10 @@ def run_blocks(run: _Run, setup: WorkerSetup, workers: int) -> tuple[str, int]:
     the results in order and appends.
     """
     reader = BlockReader(setup.path, setup.max_item_bytes)
-    pool = _Pool(setup, workers)
+    try:
+        pool = _Pool(setup, workers)
+    except OSError:  # no processes to be had here (limits, sandbox): the serial path needs none
+        raise Fallback from None
     window = threading.Semaphore(2 * workers + 2)
     sent: queue.Queue[tuple[str, Any]] = queue.Queue()
     stop = threading.Event()
@@ -215,7 +224,13 @@ def run_blocks(run: _Run, setup: WorkerSetup, workers: int) -> tuple[str, int]:
                 break
             if what == "raise":
                 raise arg
-            status, res = pool.back[arg].recv()
+            try:
+                status, res = pool.back[arg].recv()
+            except EOFError:
+                code = pool.procs[arg].wait()
+                raise RuntimeError(
+                    f"parallel ingest worker exited unexpectedly (exit status {code})"
+                ) from None
             window.release()
             if status == "error":
                 raise res
