@@ -59,6 +59,19 @@ def _routed_reference(
     }
 
 
+def check_routed(model: nn.Module, x: torch.Tensor, seed: int, what: str) -> None:
+    """Routed .grad (random weights in [0, 1) per example and layer, sum reduction) against the reference."""
+    with torch.no_grad():
+        target = torch.randn_like(model(x))
+    torch.manual_seed(seed)
+    n_layers = sum(1 for m in model.modules() if any(True for _ in m.parameters(recurse=False)))
+    w = torch.rand(x.shape[0], n_layers, dtype=torch.float64)
+    eng, _, _, grads = run_engine(model, x, target, "sum", weights=w)
+    ref = _routed_reference(model, x, target, w, eng.layer_names)
+    for n, g in ref.items():
+        assert_rel_close(grads[n], g, 1e-9, f"routed .grad of {n} ({what})")
+
+
 @pytest.mark.parametrize("mode", ["groups", "unfold"])
 def test_conv_per_sample_modes_exact(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
     """Both ways of materialising per-sample conv gradients, with 8+ channels (groups by default) and 3."""
@@ -72,14 +85,7 @@ def test_conv_per_sample_modes_exact(monkeypatch: pytest.MonkeyPatch, mode: str)
     check_model(model, x, "mean")
     check_model(model, x, "sum")
     # routed gradients on the same path: Σ_i w_il ∇ℓ_i (sum reduction)
-    with torch.no_grad():
-        target = torch.randn_like(model(x))
-    torch.manual_seed(0)
-    w = torch.rand(5, 3, dtype=torch.float64)
-    eng, _, _, grads = run_engine(model, x, target, "sum", weights=w)
-    ref = _routed_reference(model, x, target, w, eng.layer_names)
-    for n, g in ref.items():
-        assert_rel_close(grads[n], g, 1e-9, f"routed .grad of {n} ({mode})")
+    check_routed(model, x, seed=0, what=mode)
 
 
 def test_default_conv_mode_by_channels() -> None:
@@ -95,14 +101,7 @@ def test_linear_sequence_both_paths_exact(monkeypatch: pytest.MonkeyPatch, gram:
     model = nn.Sequential(nn.Linear(5, 7), nn.GELU(), nn.Linear(7, 3, bias=False)).double()
     x = torch.randn(4, 6, 5, dtype=torch.float64)
     check_model(model, x, "mean")
-    with torch.no_grad():
-        target = torch.randn_like(model(x))
-    torch.manual_seed(1)
-    w = torch.rand(4, 2, dtype=torch.float64)
-    eng, _, _, grads = run_engine(model, x, target, "sum", weights=w)
-    ref = _routed_reference(model, x, target, w, eng.layer_names)
-    for n, g in ref.items():
-        assert_rel_close(grads[n], g, 1e-9, f"routed .grad of {n} (gram={gram})")
+    check_routed(model, x, seed=1, what=f"gram={gram}")
 
 
 def test_cost_model_measured_choices() -> None:
