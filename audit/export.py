@@ -235,8 +235,13 @@ class _Cited:
         return sorted(out)
 
 
+def _step_reader(run: RunRecord) -> StepReader:
+    """A reader for the steps of ``run``: v 3 steps take their layers and weight table from its entry."""
+    return StepReader(lambda seq: RunSteps.from_body(run.body) if seq == run.seq else None)
+
+
 def _steps_of(ledger: Ledger, run: RunRecord) -> Iterable[StepRecord]:
-    reader = StepReader(lambda seq: RunSteps.from_body(run.body) if seq == run.seq else None)
+    reader = _step_reader(run)
     for e in ledger.entries(kind="step", start=run.seq):
         if e.body.get("run_seq") == run.seq:
             yield reader.record(e)
@@ -676,7 +681,7 @@ def _recompute(st: dict[str, Any], ev: dict[int, _EvEntry], rep: ExportReport) -
     run_p = p["run"] if isinstance(p["run"], dict) else {}
     run_e = _need(ev, run_p.get("seq"), "run", "the run entry")
     run = RunRecord.from_entry(run_e)
-    reader = StepReader(lambda seq: RunSteps.from_body(run.body) if seq == run.seq else None)
+    reader = _step_reader(run)
     try:  # in seq order: a step v 3 reads its ids through the run's example table, built by the earlier steps
         steps = [
             reader.record(e)
