@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import sys
 import time
@@ -50,6 +49,7 @@ from sqlalchemy import Connection, func, select
 from . import merkle, schema
 from .canonical import EncodedPayload, canonical_json
 from .errors import LedgerError, LedgerInputError
+from .store import payload_size
 
 if sys.version_info >= (3, 14):  # pragma: no cover - the stdlib's zipfile gained Zstandard in 3.14
     import zipfile
@@ -85,15 +85,6 @@ class ArchivedPayloadError(LedgerInputError):
 def member_name(seq: int, name: str) -> str:
     """The zip member holding payload ``name`` of entry ``seq``."""
     return f"{seq:012d}/{name}"
-
-
-def expected_size(dtype: str, shape: str) -> int:
-    """Bytes that ``dtype`` x ``shape`` need (-1 when the stored columns are malformed)."""
-    try:
-        dims = [int(d) for d in shape.strip("[]").split(",") if d]
-        return math.prod(dims) * int(dtype[2:])
-    except (ValueError, TypeError, AttributeError):
-        return -1
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -307,7 +298,7 @@ class VerifyView:
         self._digest_bad: list[tuple[int, str]] = []
 
     def check(self, seq: int, name: str, dtype: str, shape: str, sha: bytes) -> int:
-        size = expected_size(dtype, shape)
+        size = payload_size(dtype, shape)
         if size <= 0:
             raise self._bad(seq, f"entry {seq}: payload {name!r} bytes do not match their stored sha256")
         found = self.index.find(seq)
@@ -461,7 +452,7 @@ def fill_archived(ledger: Ledger, conn: Connection, chunk: list[Entry]) -> list[
         e
         for e in chunk
         for p in e._payloads
-        if not isinstance(p, ArchivedPayload) and not p.data and expected_size(p.dtype, p.shape) > 0
+        if not isinstance(p, ArchivedPayload) and not p.data and payload_size(p.dtype, p.shape) > 0
     ]
     if not todo:
         return chunk
@@ -473,7 +464,7 @@ def fill_archived(ledger: Ledger, conn: Connection, chunk: list[Entry]) -> list[
         for i, p in enumerate(pls):
             if isinstance(p, ArchivedPayload) or p.data:
                 continue
-            size = expected_size(p.dtype, p.shape)
+            size = payload_size(p.dtype, p.shape)
             if size <= 0:
                 continue
             pls[i] = _restore(ledger, st, e.seq, p, size)
@@ -697,7 +688,7 @@ def _groups(
             )
         pls = list(e._payloads)
         for pl in pls:
-            if hashlib.sha256(pl.data).digest() != pl.sha256 or expected_size(pl.dtype, pl.shape) != len(
+            if hashlib.sha256(pl.data).digest() != pl.sha256 or payload_size(pl.dtype, pl.shape) != len(
                 pl.data
             ):
                 raise ArchiveError(

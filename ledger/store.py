@@ -1313,16 +1313,18 @@ def _read_chunk(
     ]
 
 
+def payload_size(dtype: str, shape: str) -> int:
+    """Bytes that ``dtype`` x ``shape`` (the stored columns, e.g. ``<f4`` and ``[3,2]``) need; -1 if malformed."""
+    try:
+        dims = [int(d) for d in shape.strip("[]").split(",") if d]
+        return math.prod(dims) * int(dtype[2:])
+    except (ValueError, TypeError, AttributeError):
+        return -1
+
+
 def _check_payload_shape(seq: int, name: str, dtype: str, shape: str, size: int) -> None:
     """The stored byte count must fit dtype x shape, or reading the payload would fail."""
-    fits = False
-    if isinstance(shape, str) and isinstance(dtype, str):
-        try:
-            dims = [int(d) for d in shape.strip("[]").split(",") if d]
-            fits = math.prod(dims) * int(dtype[2:]) == size
-        except ValueError:
-            fits = False
-    if not fits:
+    if not (isinstance(shape, str) and isinstance(dtype, str) and payload_size(dtype, shape) == size):
         raise _Bad(
             seq,
             f"entry {seq}: payload {name!r} has {size} bytes, which does not fit dtype {dtype!r} shape {shape!r}",
