@@ -44,7 +44,7 @@ import json
 import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from sqlalchemy import (
@@ -354,6 +354,17 @@ _TABLE_CACHE: dict[bytes, _TableCache] = {}  # run entry's leaf hash -> its exam
 _RUN_STEPS: dict[bytes, RunSteps | None] = {}  # run entry's leaf hash -> layers / weight table (immutable)
 
 
+_V = TypeVar("_V")
+
+
+def _remember(cache: dict[bytes, _V], key: bytes, value: _V, cap: int) -> None:
+    """Put ``key`` in a small in-process cache as its newest item, first evicting the oldest beyond ``cap``."""
+    cache.pop(key, None)
+    while len(cache) >= cap:
+        cache.pop(next(iter(cache)))
+    cache[key] = value
+
+
 # ----- the indexer --------------------------------------------------------------------------------------
 
 
@@ -521,10 +532,7 @@ class QueryAggregates:
             c = None
         if c is None:
             c = _TableCache(RunTable(), -1, None)
-            _TABLE_CACHE.pop(r.leaf_hash, None)
-            while len(_TABLE_CACHE) >= _ID_CACHE_RUNS:
-                _TABLE_CACHE.pop(next(iter(_TABLE_CACHE)))
-            _TABLE_CACHE[r.leaf_hash] = c
+            _remember(_TABLE_CACHE, r.leaf_hash, c, _ID_CACHE_RUNS)
             _read_steps(conn, r.run_seq, c, r.run_seq, seq)
         elif not r.table_checked:
             _read_steps(conn, r.run_seq, c, c.through, seq)
@@ -557,10 +565,7 @@ class QueryAggregates:
             if len(c.ids) != r.n_examples:  # a damaged table: do not cache it
                 c = _IdCache(c.ids, -1, -1, None)
             else:
-                _ID_CACHE.pop(key, None)
-                while len(_ID_CACHE) >= _ID_CACHE_RUNS:
-                    _ID_CACHE.pop(next(iter(_ID_CACHE)))
-                _ID_CACHE[key] = c
+                _remember(_ID_CACHE, key, c, _ID_CACHE_RUNS)
         r.ids_checked = True
         known = c.ids
         found = list(map(known.get, ids))
@@ -823,9 +828,7 @@ def _run_steps(conn: Connection, r: _Run) -> RunSteps | None:
         found = None
         if row is not None and row[0] == "run":
             found = RunSteps.from_body(json.loads(bytes(row[1])))
-        while len(_RUN_STEPS) >= 64:
-            _RUN_STEPS.pop(next(iter(_RUN_STEPS)))
-        _RUN_STEPS[r.leaf_hash] = found
+        _remember(_RUN_STEPS, r.leaf_hash, found, 64)
     return _RUN_STEPS[r.leaf_hash]
 
 
