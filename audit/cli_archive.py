@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from audit.cli import fail, main
+from audit.cli import fail, main, with_ledger
 from ledger.archive import DEFAULT_LEVEL, DEFAULT_SEGMENT_BYTES, ArchiveError, ArchiveResult, archive_run
 from ledger.errors import LedgerError
 from ledger.store import Ledger
@@ -73,23 +73,18 @@ def archive_cmd(
     \b
     LEDGER is a SQLite file path, a sqlite:/// URL or a postgresql+psycopg:// URL.
     """
-    try:
-        led = Ledger.open(ledger)
-    except LedgerError as exc:
-        fail(str(exc))
-    try:
-        res = archive_run(
-            led, run, before_seq, out_dir, segment_bytes=segment_mib << 20, level=level, vacuum=vacuum
-        )
-    except ArchiveError as exc:
-        fail(str(exc), 1)
-    except LedgerError as exc:
-        fail(str(exc))
-    except OSError as exc:
-        fail(f"{exc.filename or out_dir}: {exc.strerror or exc}")
-    finally:
-        led.close()
-    _report(res, as_json)
+
+    def go(led: Ledger) -> ArchiveResult:
+        try:
+            return archive_run(
+                led, run, before_seq, out_dir, segment_bytes=segment_mib << 20, level=level, vacuum=vacuum
+            )
+        except ArchiveError as exc:  # refused: exit 1 (other LedgerErrors name their input: exit 2)
+            fail(str(exc), 1)
+        except OSError as exc:
+            fail(f"{exc.filename or out_dir}: {exc.strerror or exc}")
+
+    _report(with_ledger(ledger, go, verbatim=(LedgerError,)), as_json)
 
 
 def _report(res: ArchiveResult, as_json: bool) -> None:
