@@ -82,7 +82,7 @@ def _ref_of(kind: str, body: Any) -> dict[str, str | None] | None:
 
 INDEX = indexers.register(IngestIndex())
 
-# seq -> (kind, source, ref, digest), taken from the very body dicts being appended. The ingest pipeline
+# seq -> (kind, source, ref, digest), from the very records being appended. The ingest pipeline
 # fills it just before it appends a chunk (under the write lock), so ``apply`` need not re-parse 1-2 KB of
 # canonical JSON per label; a rebuild (verify --deep) has no hints and decodes, and must agree.
 # Thread-local: ``apply`` runs in the appending thread, and two threads may ingest into two ledgers.
@@ -96,18 +96,8 @@ def _hints() -> dict[int, tuple[str, str, str, str | None]]:
     return h
 
 
-def hint(seq: int, kind: str, body: dict[str, Any]) -> None:
-    hints = _hints()
-    if kind == "export":
-        hints[seq] = (kind, body["source"], body["sha256"], None)
-    elif kind == "annotation":
-        hints[seq] = (kind, body["source"], body["label_id"], body.get("record_sha256"))
-    elif kind == "suggestion":
-        hints[seq] = (kind, body["source"], body["suggestion_id"], body.get("record_sha256"))
-
-
 def hint_ref(seq: int, kind: str, source: str, ref: str, digest: str | None) -> None:
-    """``hint`` for an entry whose body is already encoded: the caller names its ref and digest."""
+    """The row ``apply`` will add for entry ``seq``, named by the caller (its body is already encoded)."""
     _hints()[seq] = (kind, source, ref, digest)
 
 

@@ -242,7 +242,7 @@ class _Run:
         local_digest: dict[tuple[str, str], str] = {}
         local_sugg_seq: dict[str, int] = {}
         entries: list[NewEntry] = []
-        refs: list[tuple[str, str, str]] = []  # (kind, ref, digest) of each entry, for the index hints
+        refs: list[tuple[str, str, str | None]] = []  # (kind, ref, digest) of each entry, for the index hints
         lines: list[int | None] = []
         for e in recs:
             seq = self.next_seq + len(entries)
@@ -304,20 +304,14 @@ class _Run:
         return Seed(s.suggestion_id, s.origin, seq)
 
     def _append(
-        self,
-        entries: list[NewEntry],
-        lines: list[int | None],
-        refs: list[tuple[str, str, str]] | None = None,
+        self, entries: list[NewEntry], lines: list[int | None], refs: list[tuple[str, str, str | None]]
     ) -> None:
+        """Append ``entries``; ``refs``: (kind, ref, digest) of each, the index row it gets (``_index.hint_ref``)."""
         if not entries:
             return
         assert self.app is not None
-        for i, e in enumerate(entries):
-            if refs is None:
-                _index.hint(self.next_seq + i, e.kind, dict(e.body))
-            else:
-                kind, ref, digest = refs[i]
-                _index.hint_ref(self.next_seq + i, kind, self.source, ref, digest)
+        for i, (kind, ref, digest) in enumerate(refs):
+            _index.hint_ref(self.next_seq + i, kind, self.source, ref, digest)
         try:
             seqs = self.app.append_many(entries)
         except CanonicalError as exc:
@@ -514,7 +508,11 @@ def _ingest_once(
             "last_seq": run.last_seq,
             "pseudonym_key_id": pseud.key_id,
         }
-        run._append([NewEntry("export", export_body, None, EXPORT_V)], [None])
+        run._append(
+            [NewEntry("export", export_body, None, EXPORT_V)],
+            [None],
+            [("export", sha, None)],
+        )
         export_seq = run.last_seq
     pseud.flush_identity_map()
     first = run.first_seq if run.records + run.suggestions else None
