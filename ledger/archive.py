@@ -707,25 +707,13 @@ def _groups(
 
 def _entries_with_payloads(ledger: Ledger, seqs: Sequence[int]) -> Iterator[Entry]:
     """The entries ``seqs`` with their stored payload bytes, read in short transactions (no archive hook)."""
-    from .store import Entry
+    from .store import _read_chunk
 
-    e, p = schema.entries, schema.payloads
     for lo in range(0, len(seqs), _IN_CHUNK):
         part = list(seqs[lo : lo + _IN_CHUNK])
         with ledger._read() as conn:
-            rows = conn.execute(
-                select(e.c.seq, e.c.kind, e.c.v, e.c.ts, e.c.prev, e.c.leaf_hash, e.c.body)
-                .where(e.c.seq.in_(part))
-                .order_by(e.c.seq)
-            ).all()
-            pq = select(p.c.seq, p.c.name, p.c.dtype, p.c.shape, p.c.sha256, p.c.data).where(
-                p.c.seq.in_(part)
-            )
-            by: dict[int, list[EncodedPayload]] = {}
-            for s, name, dtype, shape, sha, data in conn.execute(pq.order_by(p.c.seq, p.c.name)):
-                by.setdefault(int(s), []).append(EncodedPayload(name, dtype, shape, bytes(data), bytes(sha)))
-        for s, kind, v, ts, prev, leaf, body in rows:
-            yield Entry(int(s), kind, int(v), ts, bytes(prev), bytes(leaf), bytes(body), by.get(int(s), ()))
+            got = _read_chunk(conn, None, part[0], part[-1] + 1, len(part), True, only=part)
+        yield from got
 
 
 def _info(name: str, level: int) -> zipfile.ZipInfo:

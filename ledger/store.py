@@ -1287,21 +1287,30 @@ def _prefetch(chunks: Iterator[Any], depth: int = 2) -> Iterator[Any]:
 
 
 def _read_chunk(
-    conn: Connection, kinds: set[str] | None, start: int, end: int, limit: int, with_payloads: bool
+    conn: Connection,
+    kinds: set[str] | None,
+    start: int,
+    end: int,
+    limit: int,
+    with_payloads: bool,
+    only: Sequence[int] | None = None,
 ) -> list[Entry]:
+    """Up to ``limit`` entries with ``start <= seq < end`` (of ``kinds``, and among the seqs ``only``)."""
     e, p = schema.entries, schema.payloads
     q = select(e.c.seq, e.c.kind, e.c.v, e.c.ts, e.c.prev, e.c.leaf_hash, e.c.body).where(
         e.c.seq >= start, e.c.seq < end
     )
     if kinds is not None:
         q = q.where(e.c.kind.in_(sorted(kinds)))
+    if only is not None:
+        q = q.where(e.c.seq.in_(only))
     rows = conn.execute(q.order_by(e.c.seq).limit(limit)).all()
     if not rows:
         return []
     by_seq: dict[int, list[EncodedPayload]] = {}
     if with_payloads:
         pq = select(p.c.seq, p.c.name, p.c.dtype, p.c.shape, p.c.sha256, p.c.data)
-        if kinds is None:
+        if kinds is None and only is None:
             pq = pq.where(p.c.seq >= rows[0][0], p.c.seq <= rows[-1][0])
         else:
             pq = pq.where(p.c.seq.in_([r[0] for r in rows]))
