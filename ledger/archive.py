@@ -312,7 +312,8 @@ class VerifyView:
         self.entries.add(seq)
         path = self.files.path(rec, seg)
         if path is None:
-            self.missing.setdefault(seg.file, self.files.where(rec))
+            if seg.file not in self.missing:  # once per segment, not per payload
+                self.missing[seg.file] = self.files.where(rec)
             return size
         key = (rec.seq, seg.file)
         if key not in self._digest_ok:
