@@ -418,7 +418,6 @@ class ArchivedPayload(EncodedPayload):
 class _ReadState:
     index: ArchiveIndex
     files: SegmentFiles
-    explicit: Path | None
 
 
 _READERS: weakref.WeakKeyDictionary[Any, _ReadState] = weakref.WeakKeyDictionary()
@@ -427,10 +426,10 @@ _READERS: weakref.WeakKeyDictionary[Any, _ReadState] = weakref.WeakKeyDictionary
 def _state(ledger: Ledger, conn: Connection, need: Iterable[int]) -> _ReadState:
     explicit = None if ledger.archive_dir is None else Path(ledger.archive_dir)
     st = _READERS.get(ledger)
-    if st is None or st.explicit != explicit:
+    if st is None or st.files.explicit != explicit:
         if st is not None:
             st.files.close()
-        st = _READERS[ledger] = _ReadState(ArchiveIndex(()), SegmentFiles(explicit), explicit)
+        st = _READERS[ledger] = _ReadState(ArchiveIndex(()), SegmentFiles(explicit))
     if any(st.index.find(s) is None for s in need):  # archive entries appended since: load them
         try:
             new = ArchiveIndex.load(conn, st.index.max_seq)
