@@ -88,7 +88,7 @@ class BlockResult:
 
 class _Worker:
     def __init__(self, setup: WorkerSetup) -> None:
-        from ledger.ingest.pipeline import RecordEncoder, item_keys
+        from ledger.ingest.pipeline import RecordEncoder
 
         self.setup = setup
         self.ctx = ParseContext(
@@ -98,7 +98,6 @@ class _Worker:
             model_version=setup.model_version,
         )
         self.encoder = RecordEncoder(setup.path, setup.export_ref, setup.mal_links)
-        self.keyed = item_keys(setup.fmt)
 
     def block(self, data: bytes, first_line: int) -> BlockResult:
         from ledger.ingest.pipeline import parse_element
@@ -119,7 +118,7 @@ class _Worker:
                 break
             recs = parse_element(s.source, s.fmt, element, line, self.ctx, s.path, None)
             out.elements.append(self.encoder.encode(recs))
-            out.items.append([r.item_id or r.global_key for r in recs] if self.keyed else [""] * bool(recs))
+            out.items.append([r.item_id or r.global_key for r in recs])
         out.annotators, self.ctx.annotators = self.ctx.annotators, set()
         out.pairs = self.ctx.pseud.take_new_pairs()
         return out
@@ -317,10 +316,6 @@ def _take(run: _Run, res: BlockResult) -> None:
     run.ctx.annotators |= res.annotators
     run.ctx.pseud.add_pairs(res.pairs)
     for encs, keys in zip(res.elements, res.items, strict=True):
-        if run.item_set is None:
-            run.items_counted += bool(keys)
-        else:
-            run.item_set.update(keys)
-        run.add_encoded(encs)
+        run.add_encoded(encs, keys)
     if res.fallback_line is not None:
         raise Fallback

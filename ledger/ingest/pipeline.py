@@ -143,11 +143,6 @@ class RecordEncoder:
             raise IngestError(self.path, r.line, None, f"cannot encode the record: {exc}") from None
 
 
-def item_keys(fmt: str | None) -> bool:
-    """True if items are counted by id (a set); Labelbox Export v2 counts data rows (lines) instead."""
-    return fmt != "labelbox.export_v2"
-
-
 class _Run:
     """State of one ingest inside the transaction."""
 
@@ -189,7 +184,7 @@ class _Run:
             self.fmt = labelstudio_format.FORMAT
         else:
             self.fmt = generic.FORMAT_JSONL
-        if item_keys(self.fmt):
+        if self.fmt != "labelbox.export_v2":  # items counted by id; Export v2 counts data rows (lines)
             self.item_set = set()
 
     def parse(self, element: Any, line: int, index: int, array: bool) -> list[Any]:
@@ -199,13 +194,14 @@ class _Run:
         )
 
     def add(self, recs: list[Any]) -> None:
-        if self.item_set is None:
-            self.items_counted += bool(recs)
-        else:
-            self.item_set.update(r.item_id or r.global_key for r in recs)
-        self.add_encoded(self.encoder.encode(recs))
+        self.add_encoded(self.encoder.encode(recs), [r.item_id or r.global_key for r in recs])
 
-    def add_encoded(self, encs: list[Encoded]) -> None:
+    def add_encoded(self, encs: list[Encoded], keys: list[str]) -> None:
+        """Queue one element's encoded records; ``keys``: their item keys (a set, unless elements are counted)."""
+        if self.item_set is None:
+            self.items_counted += bool(encs)
+        else:
+            self.item_set.update(keys)
         self.pending.extend(encs)
         if len(self.pending) >= self.chunk:
             self.flush()
