@@ -294,7 +294,7 @@ class VerifyView:
         self.bytes_hashed = 0
         self.entries: set[int] = set()
         self.missing: dict[str, str] = {}  # segment file -> where it was looked for
-        self._digest_ok: dict[tuple[int, str], bool] = {}
+        self._digest_checked: set[tuple[int, str]] = set()  # (archive seq, segment file) whole-file hashed
         self._digest_bad: list[tuple[int, str]] = []
 
     def check(self, seq: int, name: str, dtype: str, shape: str, sha: bytes) -> int:
@@ -316,9 +316,9 @@ class VerifyView:
                 self.missing[seg.file] = self.files.where(rec)
             return size
         key = (rec.seq, seg.file)
-        if key not in self._digest_ok:
+        if key not in self._digest_checked:
             digest, _ = file_sha256(path)
-            self._digest_ok[key] = digest == seg.sha256
+            self._digest_checked.add(key)
             if digest != seg.sha256:
                 self._digest_bad.append(key)
         try:
