@@ -115,6 +115,12 @@ def test_plain_number_edges() -> None:
     assert not _plain(math.nan) and not _plain(math.inf) and not _plain(1e-5) and not _plain(2**53)
 
 
+def test_integral_floats_inside_containers_take_the_reference_path() -> None:
+    """``json_number`` rewrites top-level numbers only: a nested 40.0 must not be written by msgspec as 40.0."""
+    assert _plain(40.0) and _plain({"accepted": True, "score": 0.5}) and _plain([1, "a", 2.5])
+    assert not _plain({"score": 40.0}) and not _plain([1, 40.0]) and not _plain({"a": [0.0]})
+
+
 @settings(max_examples=500, deadline=None)
 @given(st.text())
 def test_strings_escape_alike(s: str) -> None:

@@ -401,28 +401,30 @@ def json_number(x: Any) -> Any:
     return x
 
 
-def _plain(x: Any) -> bool:
+def _plain(x: Any, nested: bool = False) -> bool:
     """True if msgspec writes ``x`` as ``json.dumps`` does and, after ``json_number``, as RFC 8785 does.
 
     Strings always qualify (all three escape alike; msgspec refuses lone surrogates, which then take the
     slow path). Numbers qualify where all three print the same digits: ints in the double-safe range, and
     finite floats that are integral below 1e15 or non-integral in [1e-4, 1e16), which each writes as its
     shortest round-trip digits without an exponent (``tests/test_ingest_valuehash.py`` checks this on
-    generated floats). Small containers (a review's raw verdict) qualify when all they hold does.
+    generated floats). Small containers (a review's raw verdict) qualify when all they hold does, except
+    integral floats inside them: ``json_number`` rewrites only top-level numbers, so a nested ``40.0`` would
+    be written ``40.0`` where RFC 8785 writes ``40``.
     """
     t = type(x)
     if t is str or t is bool or x is None:
         return True
     if t is float:
         if x.is_integer():
-            return abs(x) < 1e15
+            return not nested and abs(x) < 1e15
         return 1e-4 <= abs(x) < 1e16  # False for NaN and infinities
     if t is int:
         return -MAX_SAFE_INT <= x <= MAX_SAFE_INT
     if t is dict:
-        return all(type(k) is str and k.isascii() and k[:1] != "$" and _plain(v) for k, v in x.items())
+        return all(type(k) is str and k.isascii() and k[:1] != "$" and _plain(v, True) for k, v in x.items())
     if t is list:
-        return all(_plain(v) for v in x)
+        return all(_plain(v, True) for v in x)
     return False
 
 
