@@ -26,7 +26,7 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -70,6 +70,7 @@ from .tree import LevelTree, StoredTree, extend, node_rows
 
 FORMAT = 1
 SQLITE_MMAP_BYTES = 1 << 30  # memory-mapped reads: verify streams blobs without read() copies
+SQLITE_BUSY_MS = 120_000  # how long a connection waits for SQLite's locks (the write lock: the sequencer)
 READ_CHUNK = 256
 VERIFY_CHUNK = 512  # PostgreSQL: entries per round trip
 # SQLite: entries per read. Small on purpose: the blobs are hashed while the copies SQLite just made are
@@ -436,7 +437,9 @@ def _sqlite_engine(path: Path, create: bool) -> Engine:
 
     def connect() -> sqlite3.Connection:
         # isolation_level=None: the driver never opens transactions itself; the "begin" hook below does.
-        con = sqlite3.connect(uri, uri=True, timeout=120, isolation_level=None, check_same_thread=False)
+        con = sqlite3.connect(
+            uri, uri=True, timeout=SQLITE_BUSY_MS / 1000, isolation_level=None, check_same_thread=False
+        )
         if create:
             # 4 KiB pages: a step's 16 KiB grad_norms fill four overflow pages almost exactly, where 64 KiB
             # pages held three such rows and left ~1/8 of each page empty (~2 KB per step); 12% smaller
@@ -456,6 +459,42 @@ def _sqlite_engine(path: Path, create: bool) -> Engine:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("gl_write") else "BEGIN")
 
     return engine
+
+
+def _set_journal(con: sqlite3.Connection, mode: str) -> bool:
+    """Try to switch ``con``'s database to journal ``mode`` at once (no waiting); True when it now is in it.
+
+    Leaving WAL needs every other connection to the file closed, so this fails (False) while anyone else
+    has the ledger open, and a busy database is never waited for.
+    """
+    try:
+        con.execute("PRAGMA busy_timeout=0")
+        try:
+            got = con.execute(f"PRAGMA journal_mode={mode}").fetchone()
+        finally:
+            con.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
+    except sqlite3.OperationalError:
+        return False
+    return bool(got) and str(got[0]).lower() == mode.lower()
+
+
+def _restore_wal(con: sqlite3.Connection) -> None:
+    """Put a ledger left in rollback-journal mode (a bulk append killed mid-way) back into WAL mode.
+
+    Reading the ledger already rolled the killed transaction back (its hot journal); if another process
+    holds the database right now, leave it: the next ``Ledger.open`` tries again. Only ledgers are touched
+    (``Ledger.open`` calls this once it found the ledger tables), never a foreign database.
+    """
+    try:
+        con.execute("PRAGMA busy_timeout=0")
+        try:
+            mode = con.execute("PRAGMA journal_mode").fetchone()
+        finally:
+            con.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
+    except sqlite3.OperationalError:
+        return
+    if mode and str(mode[0]).lower() != "wal":
+        _set_journal(con, "WAL")
 
 
 def _engine_for(target: str | Path, create: bool) -> tuple[Engine, str]:
@@ -533,6 +572,8 @@ class Ledger:
                     m = schema.meta
                     found = conn.execute(select(m.c.value).where(m.c.key == "origin")).scalar()
                 conn.rollback()
+                if found is not None and conn.dialect.name == "sqlite":
+                    _restore_wal(_driver(conn))  # a bulk append killed mid-way (Ledger._bulk_journal)
             if found is None:
                 if not create:
                     engine.dispose()
@@ -603,12 +644,16 @@ class Ledger:
                 yield conn
 
     @contextmanager
-    def _write(self, commit: bool = True) -> Iterator[Connection]:
+    def _write(self, commit: bool = True, bulk: bool = False) -> Iterator[Connection]:
         """One write transaction holding the sequencer (BEGIN IMMEDIATE / row lock on meta.origin).
 
         Commits on success unless ``commit`` is False (deep verify's scratch rebuild); rolls back on error.
+        ``bulk``: see ``appending``.
         """
-        with self.engine.connect().execution_options(gl_write=True) as conn:
+        with (
+            self.engine.connect().execution_options(gl_write=True) as conn,
+            self._bulk_journal(conn) if bulk and self.dialect == "sqlite" else nullcontext(),
+        ):
             trans = conn.begin()
             try:
                 if self.dialect == "postgresql":
@@ -622,6 +667,29 @@ class Ledger:
                 trans.commit()
             else:
                 trans.rollback()
+
+    @contextmanager
+    def _bulk_journal(self, conn: Connection) -> Iterator[bool]:
+        """Run ``conn``'s next transaction in rollback-journal mode if this connection has the file alone.
+
+        Why: in WAL mode every page of a transaction is written twice, to the WAL and then again by the
+        checkpoint that follows the commit; for a 1.2 GB export that second copy and its fsync were ~18% of
+        the ingest's wall time (BENCHMARKS.md, "Annotation ingest"). In rollback-journal mode new pages go
+        straight into the database file and the journal keeps only the few pages that existed before, with
+        the same all-or-nothing guarantee (a killed process leaves a hot journal that the next opening rolls
+        back, and ``_restore_wal`` then puts the file back into WAL mode). The price: while the transaction
+        holds SQLite's exclusive lock, other connections cannot read either (in WAL mode they could), so
+        this is only taken when no other connection has the ledger open at the start (checked by SQLite
+        itself: leaving WAL needs that), and WAL mode is restored as soon as the transaction ends.
+        """
+        raw = _driver(conn)
+        self.engine.pool.dispose()  # this Ledger's idle pooled connections would hold the file open
+        switched = _set_journal(raw, "TRUNCATE")
+        try:
+            yield switched
+        finally:
+            if switched:
+                _set_journal(raw, "WAL")
 
     # -- appending -------------------------------------------------------------------------------------
 
@@ -666,13 +734,18 @@ class Ledger:
             return range(first, app.size)
 
     @contextmanager
-    def appending(self) -> Iterator[Appender]:
+    def appending(self, *, bulk: bool = False) -> Iterator[Appender]:
         """One write transaction (the sequencer held) for several ``Appender.append_many`` chunks.
 
         Commits when the block exits normally, rolls back every chunk on an exception. For producers that
         must read inside the transaction between chunks (ingest); otherwise use ``append_stream``.
+
+        ``bulk=True`` (for transactions of hundreds of MB): on SQLite, when no other connection has the
+        ledger open, the transaction runs in rollback-journal mode, which writes its pages once instead of
+        twice; other connections then wait for it even to read (``Ledger._bulk_journal``). Same entries,
+        same atomicity; ignored on PostgreSQL.
         """
-        with self._write() as conn:
+        with self._write(bulk=bulk) as conn:
             active = self._ensure_indexers_locked(conn)
             yield Appender(conn, active)
 

@@ -366,21 +366,25 @@ def ingest(
     chunk: int = DEFAULT_CHUNK,
     announce: Any = None,
     workers: int | None = None,
+    bulk: bool | None = None,
 ) -> IngestSummary:
     """Ingest one export file (``source``: labelbox | labelstudio | jsonl). Raises IngestError, appends nothing
     on any error. ``ledger`` may be an open Ledger or a path / URL (created if missing).
 
     ``workers``: processes that parse an NDJSON export in parallel (``ledger.ingest.parallel``; same entries
     as a serial ingest). None: one per core for exports of 64 MiB and more, else none; 0: serial.
+
+    ``bulk``: append in ``Ledger.appending(bulk=True)`` (SQLite: pages written once, not twice; other
+    connections wait for the ingest even to read). None: for exports of 64 MiB and more.
     """
     if source not in SOURCES:
         raise ValueError(f"source must be one of {', '.join(SOURCES)}, got {source!r}")
     if isinstance(ledger, Ledger):
         return _ingest(source, os.fspath(path), ledger, project, pseudonym_key, identity_map, max_item_bytes,
-                       checkpoint_seq, model_version, chunk, announce, workers)  # fmt: skip
+                       checkpoint_seq, model_version, chunk, announce, workers, bulk)  # fmt: skip
     with Ledger.open(os.fspath(ledger), create=True) as led:
         return _ingest(source, os.fspath(path), led, project, pseudonym_key, identity_map, max_item_bytes,
-                       checkpoint_seq, model_version, chunk, announce, workers)  # fmt: skip
+                       checkpoint_seq, model_version, chunk, announce, workers, bulk)  # fmt: skip
 
 
 def _ingest(
@@ -396,6 +400,7 @@ def _ingest(
     chunk: int,
     announce: Any,
     workers: int | None,
+    bulk: bool | None,
 ) -> IngestSummary:
     if not os.path.isfile(path):
         raise IngestError(path, None, None, "no such file")
@@ -408,14 +413,16 @@ def _ingest(
     is_csv = source == "jsonl" and path.lower().endswith(".csv")
     if workers is None:
         workers = parallel.default_workers(path)
+    if bulk is None:
+        bulk = size >= parallel.MIN_BYTES
     if workers > 0 and source != "labelstudio" and not is_csv:
         try:
             return _ingest_once(source, path, ledger, pseud, project, max_item_bytes, checkpoint_seq,
-                                model_version, chunk, sha, size, is_csv, workers)  # fmt: skip
+                                model_version, chunk, sha, size, is_csv, workers, bulk)  # fmt: skip
         except parallel.Fallback:
             pass  # rolled back: read the file serially, exactly (see ledger.ingest.parallel)
     return _ingest_once(source, path, ledger, pseud, project, max_item_bytes, checkpoint_seq, model_version,
-                        chunk, sha, size, is_csv, 0)  # fmt: skip
+                        chunk, sha, size, is_csv, 0, bulk)  # fmt: skip
 
 
 def _ingest_once(
@@ -432,6 +439,7 @@ def _ingest_once(
     size: int,
     is_csv: bool,
     workers: int,
+    bulk: bool,
 ) -> IngestSummary:
     ctx = ParseContext(pseud, project=project, checkpoint_seq=checkpoint_seq, model_version=model_version)
     run = _Run(source, path, ledger, ctx, chunk, sha, size)
@@ -452,7 +460,7 @@ def _ingest_once(
     # ONE write transaction for the whole export, appended in chunks as it streams (memory bounded by a
     # chunk); each chunk's duplicate and seed lookups read through the same connection, so they see the
     # chunks before it. Any error rolls back everything.
-    with ledger.appending() as app:
+    with ledger.appending(bulk=bulk) as app:
         conn = app.connection
         seen = _index.lookup(conn, "export", [sha])
         if seen:
