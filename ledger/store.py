@@ -685,10 +685,16 @@ class Ledger:
         raw = _driver(conn)
         self.engine.pool.dispose()  # this Ledger's idle pooled connections would hold the file open
         switched = _set_journal(raw, "TRUNCATE")
+        if switched:
+            # Pages SQLite re-reads from the database file (index leaves) would otherwise come through the
+            # memory map and stay mapped: resident memory would grow with the transaction (WAL mode reads
+            # the transaction's own pages from the WAL, not the map).
+            raw.execute("PRAGMA mmap_size=0")
         try:
             yield switched
         finally:
             if switched:
+                raw.execute(f"PRAGMA mmap_size={SQLITE_MMAP_BYTES}")
                 _set_journal(raw, "WAL")
 
     # -- appending -------------------------------------------------------------------------------------

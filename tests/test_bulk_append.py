@@ -52,12 +52,16 @@ def test_bulk_transaction_runs_in_rollback_mode_and_restores_wal(tmp_path: Path)
         led.append("note", {"i": -1})  # leaves an idle pooled connection: bulk must close it, not give up
         with led.appending(bulk=True) as app:
             assert _inner_mode(app.connection) == "truncate"
+            # no memory map while it lasts: mapped pages would make resident memory grow with the ingest
+            assert store._driver(app.connection).execute("PRAGMA mmap_size").fetchone()[0] == 0
             app.append_many([("note", {"i": i}) for i in range(500)])
             assert not (tmp_path / "l.db-wal").exists() or (tmp_path / "l.db-wal").stat().st_size == 0
         assert led.size == 502
         assert led.verify().ok
         with led.appending() as app:
             assert _inner_mode(app.connection) == "wal"
+            raw = store._driver(app.connection)
+            assert raw.execute("PRAGMA mmap_size").fetchone()[0] == store.SQLITE_MMAP_BYTES
     assert _mode(path) == "wal"
 
 
