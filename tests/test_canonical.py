@@ -232,6 +232,11 @@ def test_precanonical_values_are_spliced_verbatim() -> None:
     assert canonical_body(whole) == bytes(whole)
     with pytest.raises(CanonicalError, match="not a JSON object"):
         canonical_body(CanonicalJSON(b"[1]"))
+    # a whole body is taken as it is (no copy); non-ASCII bytes must still be UTF-8
+    accented = CanonicalJSON('{"name":"Zoë"}'.encode())
+    assert canonical_body(accented) is accented
+    with pytest.raises(CanonicalError, match="not UTF-8"):
+        canonical_body(CanonicalJSON(b'{"name":"Zo\xeb"}'))
 
 
 def test_precanonical_bytes_checked_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
