@@ -62,8 +62,10 @@ def _segment_norm_sq(idx: Tensor, g: Tensor) -> Tensor:
 def embedding_kernel(module: nn.Module, calls: list[Call], req: Request) -> LayerGrads:
     assert isinstance(module, nn.Embedding)
     num, dim = module.num_embeddings, module.embedding_dim
-    idx = torch.cat([c.input.reshape(c.input.shape[0], -1) for c in calls], 1)  # [b, T]
-    g = torch.cat([c.grad_output.reshape(idx.shape[0], -1, dim) for c in calls], 1)  # [b, T, d]
+    idxs = [c.input.reshape(c.input.shape[0], -1) for c in calls]
+    idx = idxs[0] if len(idxs) == 1 else torch.cat(idxs, 1)  # [b, T] (no copy for a single call)
+    gs = [c.grad_output.reshape(idx.shape[0], -1, dim) for c in calls]
+    g = gs[0] if len(gs) == 1 else torch.cat(gs, 1)  # [b, T, d]
     if module.padding_idx is not None:  # padding positions get no gradient (as in PyTorch): zero them
         g = g.masked_fill((idx == module.padding_idx).unsqueeze(2), 0.0)
     norm_sq = _segment_norm_sq(idx, g)
