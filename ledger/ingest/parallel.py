@@ -125,7 +125,7 @@ class _Worker:
 
 
 def worker_main() -> None:
-    """A worker process (started by ``_Pool``): setup, then one result per block, in order, until EOF."""
+    """A worker process (started by ``Pool``): setup, then one result per block, in order, until EOF."""
     import traceback
 
     # The ingesting process (SQLite inserts, hashes, file order) is the critical path and the workers
@@ -150,19 +150,25 @@ def worker_main() -> None:
             outbox.send(("crash", traceback.format_exc()))
 
 
-class _Pool:
+class Pool:
     """Worker processes fed in turn, blocks in file order, read back in the same order.
 
     Plain subprocesses talking pickles over their stdin/stdout rather than ``multiprocessing.Pool``: a
     spawned pool re-imports the caller's ``__main__`` (scripts without a main guard fail), and a forked one
     would copy a process that holds an open write transaction and perhaps other threads' locks.
+
+    Started before the ingest hashes the export (``ledger.ingest.pipeline``): each worker spends ~0.5-0.9 s
+    of CPU importing the library, which then overlaps the ~1 s hash pass over a 1 GB export instead of
+    following it. ``setup`` is sent when it is known (``run_blocks``). Use as a context manager: leaving it
+    kills whatever still runs.
     """
 
-    def __init__(self, setup: WorkerSetup, workers: int) -> None:
+    def __init__(self, workers: int) -> None:
         boot = "import sys; sys.path[:0] = sys.argv[1:]; from ledger.ingest.parallel import worker_main; worker_main()"
         self.procs: list[subprocess.Popen[bytes]] = []
         self.to: list[Connection] = []
         self.back: list[Connection] = []
+        self.closed = False
         try:
             for _ in range(workers):
                 p = subprocess.Popen(
@@ -171,13 +177,21 @@ class _Pool:
                 self.procs.append(p)
                 self.to.append(Connection(os.dup(p.stdin.fileno()), readable=False))  # type: ignore[union-attr]
                 self.back.append(Connection(os.dup(p.stdout.fileno()), writable=False))  # type: ignore[union-attr]
-            for c in self.to:
-                c.send(setup)
         except BaseException:
             self.close(ok=False)
             raise
 
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close(ok=False)
+
     def close(self, ok: bool) -> None:
+        """End the workers: at EOF of their input (``ok``) or killed. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
         for c in self.to:
             c.close()
         for p in self.procs:
@@ -190,17 +204,28 @@ class _Pool:
             c.close()
 
 
-def run_blocks(run: _Run, setup: WorkerSetup, workers: int) -> tuple[str, int]:
-    """Feed every line of ``run.path`` through ``workers`` processes into ``run``; returns (sha256, size).
+def start_pool(workers: int) -> Pool | None:
+    """``Pool(workers)``, or None when no processes can be had here (limits, sandbox): ingest serially."""
+    try:
+        return Pool(workers)
+    except OSError:
+        return None
+
+
+def run_blocks(run: _Run, setup: WorkerSetup, pool: Pool) -> tuple[str, int]:
+    """Feed every line of ``run.path`` through the ``pool``'s workers into ``run``; returns (sha256, size).
 
     Raises ``Fallback`` when the serial reader must take over, ``IngestError`` as the serial path would.
     A feeder thread reads and sends blocks (at most ``window`` ahead of the results taken); this thread takes
-    the results in order and appends.
+    the results in order and appends. The pool is closed on return (its workers cannot be used again).
     """
     reader = BlockReader(setup.path, setup.max_item_bytes)
+    workers = len(pool.procs)
     try:
-        pool = _Pool(setup, workers)
-    except OSError:  # no processes to be had here (limits, sandbox): the serial path needs none
+        for c in pool.to:
+            c.send(setup)
+    except OSError:  # a worker already died (it could not start): the serial path needs none
+        pool.close(ok=False)
         raise Fallback from None
     window = threading.Semaphore(2 * workers + 2)
     sent: queue.Queue[tuple[str, Any]] = queue.Queue()

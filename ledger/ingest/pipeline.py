@@ -17,6 +17,7 @@ skipped, so overlapping exports of one project only add what changed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from collections.abc import Mapping
@@ -409,20 +410,23 @@ def _ingest(
         if isinstance(pseudonym_key, Pseudonymizer)
         else open_key(pseudonym_key, _ledger_file(ledger), identity_map, announce=announce)
     )
-    sha, size = _file_sha256(path)
     is_csv = source == "jsonl" and path.lower().endswith(".csv")
     if workers is None:
         workers = parallel.default_workers(path)
-    if bulk is None:
-        bulk = size >= parallel.MIN_BYTES
-    if workers > 0 and source != "labelstudio" and not is_csv:
-        try:
-            return _ingest_once(source, path, ledger, pseud, project, max_item_bytes, checkpoint_seq,
-                                model_version, chunk, sha, size, is_csv, workers, bulk)  # fmt: skip
-        except parallel.Fallback:
-            pass  # rolled back: read the file serially, exactly (see ledger.ingest.parallel)
+    # workers start importing while this process hashes the export (parallel.Pool)
+    pool = parallel.start_pool(workers) if workers > 0 and source != "labelstudio" and not is_csv else None
+    with pool or contextlib.nullcontext():
+        sha, size = _file_sha256(path)
+        if bulk is None:
+            bulk = size >= parallel.MIN_BYTES
+        if pool is not None:
+            try:
+                return _ingest_once(source, path, ledger, pseud, project, max_item_bytes, checkpoint_seq,
+                                    model_version, chunk, sha, size, is_csv, pool, bulk)  # fmt: skip
+            except parallel.Fallback:
+                pass  # rolled back: read the file serially, exactly (see ledger.ingest.parallel)
     return _ingest_once(source, path, ledger, pseud, project, max_item_bytes, checkpoint_seq, model_version,
-                        chunk, sha, size, is_csv, 0, bulk)  # fmt: skip
+                        chunk, sha, size, is_csv, None, bulk)  # fmt: skip
 
 
 def _ingest_once(
@@ -438,13 +442,13 @@ def _ingest_once(
     sha: str,
     size: int,
     is_csv: bool,
-    workers: int,
+    pool: parallel.Pool | None,
     bulk: bool,
 ) -> IngestSummary:
     ctx = ParseContext(pseud, project=project, checkpoint_seq=checkpoint_seq, model_version=model_version)
     run = _Run(source, path, ledger, ctx, chunk, sha, size)
     reader: Any = None
-    if workers:
+    if pool is not None:
         # Fallback unless the first line holds one whole value
         first = parallel.first_element(path, max_item_bytes)
         try:
@@ -479,11 +483,11 @@ def _ingest_once(
             _index.has_any(conn, "suggestion", "labelbox") or _index.has_any(conn, "suggestion", "gradledger")
         )
         run.encoder = RecordEncoder(path, run.export_ref, run.labelbox_suggestions)
-        if workers:
+        if pool is not None:
             assert run.fmt is not None
             setup = parallel.WorkerSetup(source, run.fmt, path, run.export_ref, run.labelbox_suggestions, pseud,
                                          project, checkpoint_seq, model_version, max_item_bytes)  # fmt: skip
-            read_sha, read_size = parallel.run_blocks(run, setup, workers)
+            read_sha, read_size = parallel.run_blocks(run, setup, pool)
         else:
             for line, idx, element in reader:
                 run.add(run.parse(element, line, idx, reader.mode == "array"))
