@@ -39,6 +39,7 @@ def _options(f: Any) -> Any:
         click.option("--max-item-bytes", type=click.IntRange(min=1024), default=DEFAULT_MAX_ITEM_BYTES, show_default=True, help="Largest single JSON element / line accepted."),
         click.option("--checkpoint-seq", type=click.IntRange(min=0), default=None, help="Checkpoint entry of the model that made suggestions in this file."),
         click.option("--model-version", default=None, help="Model version for suggestion files that do not name one."),
+        click.option("--shared", "shared", is_flag=True, help="Let other processes read a SQLite ledger while a large export (64 MiB and more) is ingested: WAL mode throughout, slower. Default: such an ingest writes its pages once and holds the ledger until it ends."),
         click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON."),
     ]  # fmt: skip
     for opt in reversed(opts):
@@ -46,7 +47,9 @@ def _options(f: Any) -> Any:
     return f
 
 
-def _run(source: str, file: Path, ledger_path: str, as_json: bool, **kw: Any) -> None:
+def _run(source: str, file: Path, ledger_path: str, as_json: bool, shared: bool, **kw: Any) -> None:
+    if shared:
+        kw["bulk"] = False
     try:
         with progress.activity(f"ingesting {file.name}", show=progress.wanted(as_json)):
             s = ingest(source, file, ledger_path, announce=lambda m: click.echo(m, err=True), **kw)

@@ -164,3 +164,40 @@ def test_bulk_ingest_of_a_malformed_export_appends_nothing(tmp_path: Path) -> No
             assert (led.size, led.root()) == (size, root)
         assert led.verify().ok
     assert _mode(path) == "wal"
+
+
+def test_cli_ingest_bulk_by_size_and_shared_flag(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    import ledger.ingest.parallel as parallel
+    from audit.cli import main
+
+    seen: list[bool] = []
+    real = Ledger.appending
+
+    def spy(self: Ledger, *, bulk: bool = False) -> Any:
+        seen.append(bulk)
+        return real(self, bulk=bulk)
+
+    monkeypatch.setattr(Ledger, "appending", spy)
+    export = FIXTURES / "labelbox_export_v2.ndjson"
+    key = tmp_path / "k"
+    key.write_text(bytes(range(32)).hex() + "\n")
+    key.chmod(0o600)
+    args = ["ingest", "labelbox", str(export), "--pseudonym-key", str(key), "--json"]
+    ok = CliRunner().invoke(main, [*args, "--ledger", str(tmp_path / "a.db")])
+    assert ok.exit_code == 0, ok.output
+    assert seen[-1] is False  # a small export: WAL as usual
+    monkeypatch.setattr(parallel, "MIN_BYTES", 1)  # every export counts as large
+    ok = CliRunner().invoke(main, [*args, "--ledger", str(tmp_path / "b.db")])
+    assert ok.exit_code == 0, ok.output
+    assert seen[-1] is True
+    ok = CliRunner().invoke(main, [*args, "--ledger", str(tmp_path / "c.db"), "--shared"])
+    assert ok.exit_code == 0, ok.output
+    assert seen[-1] is False
+    with (
+        Ledger.open(tmp_path / "a.db") as a,
+        Ledger.open(tmp_path / "b.db") as b,
+        Ledger.open(tmp_path / "c.db") as c,
+    ):
+        assert _entries(a) == _entries(b) == _entries(c) and len(_entries(a)) > 3
