@@ -150,6 +150,19 @@ def test_layer_norm_saved_and_recomputed_statistics() -> None:
     check_model(model.float(), torch.randn(4, 3, 5) * 3 + 1, "sum", tol=1e-4)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(4, 3, 5), (4, 5), (4, 2, 3, 5)])
+def test_layer_norm_one_call_and_generic_paths(shape: tuple[int, ...], bias: bool) -> None:
+    """One call with weight and bias takes the [b, 2, P] path (one norm, a GEMV per parameter); a
+    LayerNorm without bias takes the generic materialised path: both against the oracle, plain and routed,
+    for sequence, 2-D and 4-D inputs."""
+    model = nn.Sequential(nn.Linear(5, 5), nn.LayerNorm(5, bias=bias), nn.Linear(5, 3)).double()
+    x = torch.randn(*shape, dtype=torch.float64) * 2 + 1
+    check_model(model, x, "mean")
+    check_model(model, x, "sum")
+    check_routed(model, x, seed=2, what=f"layer norm bias={bias} shape={shape}")
+
+
 def test_layer_norm_kernel_input_narrower_than_backprops() -> None:
     """Under autocast a LayerNorm's input can be narrower than its output/backprops (fp16 in, fp32 out); both
     x̂ paths then compute in the backprops' dtype and equal the float64 per-sample gradients."""
