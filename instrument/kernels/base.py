@@ -167,7 +167,7 @@ def sq_norms(t: Tensor) -> Tensor:
     fresh large buffer costs page faults that can exceed the arithmetic)."""
     if t.dim() == 1:
         return t.square()
-    return torch.linalg.vector_norm(t, dim=tuple(range(1, t.dim()))).square()
+    return torch.linalg.vector_norm(t, dim=tuple(range(1, t.dim()))).square_()
 
 
 def scaled_rows(t: Tensor, scale: Tensor | None) -> Tensor:
@@ -184,11 +184,13 @@ def weighted_sum(per_sample: Tensor, scale: Tensor | None) -> Tensor:
     """``Σ_i scale_i · per_sample[i]`` as one GEMV (all-ones when ``scale`` is None).
 
     Using the same GEMV for both cases keeps "example j routed out" bit-identical to "example j's loss
-    times zero": the other rows are multiplied by exactly 1 and summed in the same order.
+    times zero": the other rows are multiplied by exactly 1 and summed in the same order. ``torch.mv`` on
+    the [b, n] view rather than ``tensordot`` (a Python wrapper: reshapes, then a one-row GEMM).
     """
+    b = per_sample.shape[0]
     if scale is None:
-        scale = torch.ones(per_sample.shape[0], dtype=per_sample.dtype, device=per_sample.device)
-    return torch.tensordot(scale.to(per_sample.dtype), per_sample, dims=1)
+        scale = torch.ones(b, dtype=per_sample.dtype, device=per_sample.device)
+    return torch.mv(per_sample.reshape(b, -1).t(), scale.to(per_sample.dtype)).view(per_sample.shape[1:])
 
 
 ChunkMaker = Callable[[int, int, Tensor], Tensor]

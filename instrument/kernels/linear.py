@@ -84,11 +84,10 @@ def linear_parts(
             return g2.t().mm(x.reshape(b, d_in)), (g2.sum(0) if want_bias else None)
 
         return norm_sq, gemm_2d
-    norm_sq = torch.zeros(b, dtype=g.dtype, device=g.device)
-    # per-sample bias gradients Σ_t G_it: their norms, and (a GEMV) the layer's bias gradient
+    # per-sample bias gradients Σ_t G_it: their norms (a fresh tensor, which the weight norms are added to),
+    # and (a GEMV) the layer's bias gradient
     gb = (g[:, 0, :] if t == 1 else g.sum(1)) if want_bias else None
-    if gb is not None:
-        norm_sq += sq_norms(gb)
+    norm_sq = torch.zeros(b, dtype=g.dtype, device=g.device) if gb is None else sq_norms(gb)
 
     def bias(scale: Tensor | None) -> Tensor | None:
         return None if gb is None else weighted_sum(gb, scale)
