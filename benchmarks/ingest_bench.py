@@ -138,14 +138,16 @@ def parse_only(path: Path) -> tuple[float, float]:
     return n / (time.perf_counter() - t), n / (time.process_time() - c)
 
 
-def child(export: str, ledger_path: str, workers: str, impl: str) -> None:
+def child(export: str, ledger_path: str, workers: str, impl: str, bulk: str) -> None:
     """Run one ingest in this process; print wall and CPU seconds (own, workers'), records and peak RSS."""
     sys.path.insert(0, impl or str(REPO))  # impl: older code, for a same-run before / after
     import ledger
     from ledger import Ledger, ingest
     from ledger.ingest.pseudonym import Pseudonymizer
 
-    kw = {} if workers == "auto" else {"workers": int(workers)}
+    kw: dict[str, object] = {} if workers == "auto" else {"workers": int(workers)}
+    if bulk != "auto":
+        kw["bulk"] = bulk == "on"
     t, c = time.perf_counter(), time.process_time()
     with Ledger.open(Path(ledger_path), create=True) as led:
         s = ingest.labelbox(export, led, pseudonym_key=Pseudonymizer(KEY), **kw)
@@ -173,7 +175,14 @@ def main() -> None:
     ap.add_argument("--impl", default="", help="import ledger from this directory (older code, git archive)")
     ap.add_argument("--export", type=Path, help="use (or write and keep) the generated export at this path")
     ap.add_argument("--no-parse-only", action="store_true", help="skip the parse-only measurement")
-    ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--bulk",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="bulk transaction (SQLite rollback journal): the library's choice (on for exports >= 64 MiB), on, "
+        "or off (WAL, as with `gradledger ingest --shared`)",
+    )
+    ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(*args.child)
@@ -188,7 +197,16 @@ def main() -> None:
         runs = []
         for i in range(repeats):
             db = Path(tmp) / f"ledger{i}.db"
-            cmd = [sys.executable, __file__, "--child", str(export), str(db), args.workers, args.impl]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                str(export),
+                str(db),
+                args.workers,
+                args.impl,
+                args.bulk,
+            ]
             res = json.loads(
                 subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1]
             )
@@ -205,7 +223,7 @@ def main() -> None:
     med_total = statistics.median(labels / (r["cpu_seconds"] + r["worker_cpu_seconds"]) for r in runs)
     peak, worker_peak = max(r["peak_rss_mib"] for r in runs), max(r["worker_peak_rss_mib"] for r in runs)
     print(
-        f"code: {runs[0]['impl']}; workers: {args.workers}; load average {load_before:.1f} before, {load_after:.1f} after"
+        f"code: {runs[0]['impl']}; workers: {args.workers}; bulk: {args.bulk}; load average {load_before:.1f} before, {load_after:.1f} after"
     )
     print(
         f"labels: {labels:,} in {labels // 2:,} NDJSON rows ({size_mb:.1f} MB export, {db_mb:.1f} MB ledger)"
@@ -227,6 +245,7 @@ def main() -> None:
     summary = {
         "labels": labels,
         "workers": args.workers,
+        "bulk": args.bulk,
         "median_labels_per_s": med,
         "median_labels_per_s_cpu": med_cpu,
         "median_labels_per_s_cpu_with_workers": med_total,

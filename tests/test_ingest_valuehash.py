@@ -63,9 +63,10 @@ def test_known_vector() -> None:
     assert canonical_value({"b": 40.0, "a": [1.5, "x", None, True]}) == b'{"a":[1.5,"x",null,true],"b":40}'
 
 
-def test_benchmark_quick_runs() -> None:
+@pytest.mark.parametrize("bulk", ["auto", "on"])
+def test_benchmark_quick_runs(bulk: str) -> None:
     out = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "ingest_bench.py"), "--quick"],
+        [sys.executable, str(REPO / "benchmarks" / "ingest_bench.py"), "--quick", "--bulk", bulk],
         check=True,
         capture_output=True,
         text=True,
@@ -74,6 +75,7 @@ def test_benchmark_quick_runs() -> None:
     ).stdout
     res = json.loads(out.strip().splitlines()[-1])
     assert res["labels"] == 2000 and res["median_labels_per_s"] > 0 and res["peak_rss_mib"] > 0
+    assert res["bulk"] == bulk
 
 
 # -- record bodies and digests: msgspec fast path vs the reference encoders -----------------------------------
