@@ -7,7 +7,6 @@ on stderr, nothing appended or written).
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,6 +17,7 @@ from audit import progress
 from audit import run_analytics as ra
 from audit.cli import fail as _fail
 from audit.cli import main, with_ledger
+from ledger.fileio import write_atomic
 from ledger.store import Ledger
 
 T = TypeVar("T")
@@ -32,20 +32,6 @@ def _with_ledger(path: str, fn: Callable[[Ledger], T]) -> T:
 
 def _fmt(x: float | None, digits: int = 3) -> str:
     return "-" if x is None else f"{x:.{digits}g}"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same directory and a rename."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # ---- memorization -----------------------------------------------------------------------------------------

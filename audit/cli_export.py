@@ -15,8 +15,9 @@ import click
 from audit import export as _export
 from audit import lineage as _lineage
 from audit.cli import main
-from audit.cli_ledger import _fail, _input_errors, _key_name_for, _write_atomic
+from audit.cli_ledger import _fail, _input_errors, _key_name_for
 from ledger import keys
+from ledger.fileio import write_atomic
 from ledger.store import Ledger
 
 LEDGER_HELP = "LEDGER is a SQLite file path, a sqlite:/// URL or a postgresql+psycopg:// URL."
@@ -131,7 +132,7 @@ def export_cmd(
     key_name = _key_name_for(key_path, name)
     with Ledger.open(ledger) as led:
         bundle = _export.build_export(led, run, private_key, key_name, evidence=evidence, top=top)
-    _write_atomic(output, json.dumps(bundle, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+    write_atomic(output, json.dumps(bundle, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
     n = len(bundle.get("evidence", {}).get("entries", []))
     click.echo(f"wrote {output}: run {run!r}" + (f", {n} evidence entries" if evidence else ", no evidence"))
 

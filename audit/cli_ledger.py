@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +20,7 @@ from audit.cli import fail as _fail
 from audit.cli import main
 from ledger import keys, note
 from ledger.errors import LedgerError, LedgerInputError
+from ledger.fileio import write_atomic
 from ledger.store import Ledger, VerifyResult
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -62,15 +62,6 @@ def _read_text(path: Path, what: str) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         _fail(f"{path}: {what} is not UTF-8 text")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 # ---- init / keygen --------------------------------------------------------------------------------------
@@ -176,7 +167,7 @@ def checkpoint_cmd(ledger: str, key_path: Path, name: str | None, output: Path |
                 raise
             _fail(f"refusing to sign: {exc}", 1)
     if output is not None:
-        _write_atomic(output, text)
+        write_atomic(output, text)
     click.echo(text, nl=False)
 
 

@@ -12,7 +12,8 @@ import click
 from audit import progress
 from audit import report as rp
 from audit.cli import main
-from audit.cli_analytics import _fail, _with_ledger, write_atomic
+from audit.cli_analytics import _fail, _with_ledger
+from ledger.fileio import write_atomic
 from ledger.store import Ledger
 
 

@@ -49,6 +49,7 @@ from sqlalchemy import Connection, func, select
 from . import merkle, schema
 from .canonical import EncodedPayload, canonical_json
 from .errors import LedgerError, LedgerInputError
+from .fileio import file_sha256, fsync_dir, write_atomic
 from .store import payload_size
 
 if sys.version_info >= (3, 14):  # pragma: no cover - the stdlib's zipfile gained Zstandard in 3.14
@@ -67,7 +68,6 @@ DEFAULT_SEGMENT_BYTES = 256 << 20  # raw payload bytes per segment file (bounded
 DEFAULT_LEVEL = 3  # zstd's default: ~fast as the disk; higher levels gain little on float32 norms
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed member timestamps: the same input gives byte-identical segments
 _IN_CHUNK = 400  # seqs per SQL IN (...) list
-_READ_BLOCK = 1 << 20
 
 
 class ArchiveError(LedgerError):
@@ -258,16 +258,6 @@ class SegmentFiles:
         for zf in self._open.values():
             zf.close()
         self._open.clear()
-
-
-def file_sha256(path: Path) -> tuple[str, int]:
-    h = hashlib.sha256()
-    n = 0
-    with open(path, "rb") as fh:
-        while block := fh.read(_READ_BLOCK):
-            h.update(block)
-            n += len(block)
-    return h.hexdigest(), n
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -610,7 +600,7 @@ def archive_run(
     for group in _groups(ledger, seqs, segment_bytes, expected):
         segments.append(_write_segment(out, ledger.origin, run, group, level))
         hook("segment-written")
-    _fsync_dir(out)
+    fsync_dir(out)
     res.write_seconds = time.perf_counter() - tw
 
     body = {
@@ -628,7 +618,7 @@ def archive_run(
         "segments": segments,
     }
     manifest = out / f"{seqs[0]:012d}-{seqs[-1]:012d}.manifest.json"
-    _write_atomic(manifest, canonical_json(body) + b"\n")
+    write_atomic(manifest, canonical_json(body) + b"\n")
     hook("manifest-written")
 
     # 3. one transaction: rows unchanged, the archive entry, payload bytes emptied, the directory hint
@@ -781,24 +771,6 @@ def _write_segment(
         "payloads": npay,
         "bytes": raw,
     }
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ skipped, so overlapping exports of one project only add what changed.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -28,6 +27,7 @@ from sqlalchemy import Connection
 
 from ledger.canonical import CanonicalJSON, canonical_body
 from ledger.errors import CanonicalError
+from ledger.fileio import file_sha256
 from ledger.ingest import generic_format as generic
 from ledger.ingest import index as _index
 from ledger.ingest import labelbox_format, labelstudio_format, parallel
@@ -68,16 +68,6 @@ class IngestSummary:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _file_sha256(path: str) -> tuple[str, int]:
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-            size += len(chunk)
-    return h.hexdigest(), size
 
 
 def _ledger_file(ledger: Ledger) -> str | None:
@@ -416,7 +406,7 @@ def _ingest(
     # workers start importing while this process hashes the export (parallel.Pool)
     pool = parallel.start_pool(workers) if workers > 0 and source != "labelstudio" and not is_csv else None
     with pool or contextlib.nullcontext():
-        sha, size = _file_sha256(path)
+        sha, size = file_sha256(path)
         if bulk is None:
             bulk = size >= parallel.MIN_BYTES
         if pool is not None:
