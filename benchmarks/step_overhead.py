@@ -269,8 +269,15 @@ def make_opacus_ghost(model: nn.Module, x: Tensor, y: Tensor) -> Step:
 # --------------------------------------------------------------------------- timing and memory
 
 
-def time_variants(wl: Workload, names: list[str], rounds: int, steps: int) -> dict[str, tuple[float, float]]:
-    """Median (wall, CPU) seconds per step of each variant, round-robin in one process."""
+def time_variants(
+    wl: Workload, names: list[str], rounds: int, steps: int, per_round: dict[str, list[float]] | None = None
+) -> dict[str, tuple[float, float]]:
+    """Median (wall, CPU) seconds per step of each variant, round-robin in one process.
+
+    Odd rounds run the variants in reverse order, so no variant always runs right after the same other one
+    (a step runs with the caches its predecessor left: a fixed order biased A/B pairs by up to ~0.5 ms at
+    ~40 ms per step). ``per_round`` (if given) receives each variant's CPU seconds per step, round by round.
+    """
     base, x, y = wl.build()
     steps_fn = {n: VARIANTS[n](copy.deepcopy(base), x, y) for n in names}
     for fn in steps_fn.values():  # warm-up
@@ -279,14 +286,24 @@ def time_variants(wl: Workload, names: list[str], rounds: int, steps: int) -> di
     cpu_clock = time.thread_time if torch.get_num_threads() == 1 else time.process_time
     wall: dict[str, list[float]] = {n: [] for n in names}
     cpu: dict[str, list[float]] = {n: [] for n in names}
-    for _ in range(rounds):
-        for n, fn in steps_fn.items():
+    for r in range(rounds):
+        for n in names if r % 2 == 0 else names[::-1]:
+            fn = steps_fn[n]
             t0, c0 = time.perf_counter(), cpu_clock()
             for _ in range(steps):
                 fn()
             wall[n].append((time.perf_counter() - t0) / steps)
             cpu[n].append((cpu_clock() - c0) / steps)
+    if per_round is not None:
+        per_round.update(cpu)
     return {n: (statistics.median(wall[n]), statistics.median(cpu[n])) for n in names}
+
+
+def paired_vs(per_round: dict[str, list[float]], name: str, base: str) -> tuple[float, int]:
+    """(median over rounds of ``name``'s CPU minus ``base``'s in the same round, in ms; rounds where ``name``
+    was faster): a same-round difference cancels the load drifting between rounds, which moves both."""
+    diffs = [a - b for a, b in zip(per_round[name], per_round[base], strict=True)]
+    return statistics.median(diffs) * 1e3, sum(d < 0 for d in diffs)
 
 
 def peak_memory(wl: Workload, name: str) -> tuple[float, float]:
@@ -391,7 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     for model in args.models.split(","):
         for b in batches:
             wl = Workload(model, b, args.quick)
-            times = time_variants(wl, names, rounds, steps=1 if args.quick else 2)
+            per_round: dict[str, list[float]] = {}
+            times = time_variants(wl, names, rounds, steps=1 if args.quick else 2, per_round=per_round)
             mem: dict[str, tuple[float, float] | None] = {}
             if not args.no_memory and not (args.quick and results):  # quick: first workload only
                 mem_names = [n for n in names if n in ("plain", "norms")] if args.quick else names
@@ -407,14 +425,20 @@ def main(argv: list[str] | None = None) -> int:
                         "peak_extra_mib": mn[0] - mn[1] if mn else None,
                         "mem_x_plain": mn[0] / mp[0] if mn and mp else None,
                         "extra_x_plain": (mn[0] - mn[1]) / (mp[0] - mp[1]) if mn and mp else None,
+                        "rounds": rounds,
                     }
                 )  # fmt: skip
+                if "norms_base" in names:  # same-round difference against the baseline engine
+                    results[-1]["paired_ms_vs_base"], results[-1]["faster_than_base"] = paired_vs(
+                        per_round, n, "norms_base"
+                    )
     if args.json:
         print(json.dumps(results, indent=1))
         return 0
     print(f"threads={args.threads} rounds={rounds}; medians; ratios against plain from this run")
     head = f"{'model':<12}{'B':>5}  {'variant':<14}{'CPU ms':>9}{'x plain':>9}{'wall ms':>9}{'x plain':>9}"
     print(head + f"{'peak MiB':>10}{'mem x':>7}{'extra x':>8}")
+    paired = [r for r in results if "paired_ms_vs_base" in r and r["variant"] != "norms_base"]
     for r in results:
         mem_s = (
             f"{r['peak_mib']:10.2f}{r['mem_x_plain']:7.2f}{r['extra_x_plain']:8.2f}"
@@ -425,6 +449,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['model']:<12}{r['batch']:>5}  {r['variant']:<14}{r['cpu_ms']:9.1f}{r['cpu_x_plain']:9.2f}"
             f"{r['wall_ms']:9.1f}{r['wall_x_plain']:9.2f}{mem_s}"
         )
+    if paired:
+        print("same-round CPU difference vs norms_base (median over rounds; rounds faster):")
+        for r in paired:
+            print(
+                f"  {r['model']:<12}{r['batch']:>5}  {r['variant']:<14}{r['paired_ms_vs_base']:+9.3f} ms"
+                f"  {r['faster_than_base']}/{r['rounds']}"
+            )
     return 0
 
 

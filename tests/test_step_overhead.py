@@ -31,6 +31,26 @@ def test_quick_benchmark_runs_all_variants(capsys: pytest.CaptureFixture[str]) -
     assert {r["variant"] for r in mem} == {"plain", "norms"} and all(r["peak_extra_mib"] > 0 for r in mem)
 
 
+def test_quick_benchmark_pairs_against_a_baseline_engine(capsys: pytest.CaptureFixture[str]) -> None:
+    """--baseline-engine adds norms_base and, per variant, the same-round CPU difference against it."""
+    import step_overhead
+
+    engine_dir = str(Path(__file__).resolve().parent.parent / "instrument")
+    argv = ["--quick", "--json", "--no-memory", "--models", "mlp", "--rounds", "3"]
+    argv += ["--variants", "plain,norms_base,norms", "--baseline-engine", engine_dir]
+    assert step_overhead.main(argv) == 0
+    rows = {r["variant"]: r for r in json.loads(capsys.readouterr().out)}
+    assert set(rows) == {"plain", "norms_base", "norms"}
+    assert rows["norms_base"]["paired_ms_vs_base"] == 0.0 and rows["norms_base"]["faster_than_base"] == 0
+    assert rows["norms"]["rounds"] == 3 and 0 <= rows["norms"]["faster_than_base"] <= 3
+    assert isinstance(rows["norms"]["paired_ms_vs_base"], float)
+    # the text report prints the paired line for every variant but the baseline itself
+    argv.remove("--json")
+    assert step_overhead.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "same-round CPU difference vs norms_base" in out and out.count("/3") == 2
+
+
 def test_unknown_variant_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     import step_overhead
 
