@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -166,3 +167,37 @@ def test_no_worker_processes_means_a_serial_ingest(tmp_path: Path, monkeypatch: 
     serial = Ledger.open(tmp_path / "s.db", create=True)
     ingest.labelbox(export, serial, pseudonym_key=pseud(), workers=0)
     assert s.records > 0 and _entries(led) == _entries(serial)
+
+
+def test_ingest_freezes_the_heap_only_while_it_runs(tmp_path: Path) -> None:
+    """The ingest keeps pre-existing objects out of GC passes while it runs and hands them back after; a
+    caller's own gc.freeze() is left as it was."""
+    import gc
+
+    export = tmp_path / "lb.ndjson"
+    export.write_bytes(_rows(5))
+    seen: list[int] = []
+    real = parallel.first_element
+
+    def spy(*a: Any, **kw: Any) -> Any:
+        seen.append(gc.get_freeze_count())
+        return real(*a, **kw)
+
+    parallel.first_element = spy  # type: ignore[assignment]
+    try:
+        with Ledger.open(tmp_path / "a.db", create=True) as led:
+            ingest.labelbox(export, led, pseudonym_key=pseud(), workers=1)
+        assert seen and seen[-1] > 0  # frozen during the ingest
+        assert gc.get_freeze_count() == 0  # and unfrozen after
+        gc.freeze()
+        try:
+            mine = gc.get_freeze_count()
+            with Ledger.open(tmp_path / "b.db", create=True) as led:
+                ingest.labelbox(export, led, pseudonym_key=pseud(), workers=1)
+            assert (
+                0 < gc.get_freeze_count() <= mine
+            )  # the caller's freeze is untouched (frozen objects can still be freed)
+        finally:
+            gc.unfreeze()
+    finally:
+        parallel.first_element = real  # type: ignore[assignment]

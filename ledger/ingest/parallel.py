@@ -20,6 +20,7 @@ raised as they are.
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import os
 import queue
@@ -137,6 +138,10 @@ def worker_main() -> None:
     os.dup2(2, 1)  # stray prints go to stderr, never into the result stream
     inbox, outbox = Connection(0, writable=False), Connection(out_fd, readable=False)
     worker = _Worker(inbox.recv())
+    # Everything alive now (the imported library: ~10^5 objects) stays alive: keep it out of the garbage
+    # collector's full passes, which otherwise re-traverse it while the worker allocates per label (~5-7%
+    # of a worker's CPU, BENCHMARKS.md "Annotation ingest").
+    gc.freeze()
     while True:
         try:
             data, first_line = inbox.recv()
