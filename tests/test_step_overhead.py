@@ -51,6 +51,25 @@ def test_quick_benchmark_pairs_against_a_baseline_engine(capsys: pytest.CaptureF
     assert "same-round CPU difference vs norms_base" in out and out.count("/3") == 2
 
 
+def test_engine_kernels_quick_reports_every_kernel_type(capsys: pytest.CaptureFixture[str]) -> None:
+    """benchmarks/engine_kernels.py --quick: per-kernel CPU for the engine, a baseline copy and gemm_only."""
+    import engine_kernels
+
+    engine_dir = str(Path(__file__).resolve().parent.parent / "instrument")
+    argv = ["--quick", "--json", "--models", "transformer", "--baseline-engine", engine_dir]
+    assert engine_kernels.main(argv) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert (
+        set(row["x_plain"]) == {"plain", "norms", "norms_base", "gemm_only"}
+        and row["x_plain"]["plain"] == 1.0
+    )
+    for v in ("norms", "norms_base", "gemm_only"):
+        assert set(row["kernel_ms"][v]) == {"Embedding", "LayerNorm", "Linear"}
+        assert all(ms > 0 for ms in row["kernel_ms"][v].values())
+    assert engine_kernels.main(["--quick", "--plain-kernels", "Conv2d"]) == 2
+    assert "unknown --plain-kernels ['Conv2d']" in capsys.readouterr().err
+
+
 def test_unknown_variant_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     import step_overhead
 
