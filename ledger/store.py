@@ -71,6 +71,7 @@ from .tree import LevelTree, StoredTree, extend, node_rows
 FORMAT = 1
 SQLITE_MMAP_BYTES = 1 << 30  # memory-mapped reads: verify streams blobs without read() copies
 SQLITE_BUSY_MS = 120_000  # how long a connection waits for SQLite's locks (the write lock: the sequencer)
+_WAL_BACK_MS = 5_000  # after a bulk transaction, how long to wait for readers before WAL mode is restored
 READ_CHUNK = 256
 VERIFY_CHUNK = 512  # PostgreSQL: entries per round trip
 # SQLite: entries per read. Small on purpose: the blobs are hashed while the copies SQLite just made are
@@ -461,14 +462,15 @@ def _sqlite_engine(path: Path, create: bool) -> Engine:
     return engine
 
 
-def _set_journal(con: sqlite3.Connection, mode: str) -> bool:
-    """Try to switch ``con``'s database to journal ``mode`` at once (no waiting); True when it now is in it.
+def _set_journal(con: sqlite3.Connection, mode: str, wait_ms: int = 0) -> bool:
+    """Try to switch ``con``'s database to journal ``mode``, waiting at most ``wait_ms`` for other
+    connections' locks; True when it now is in that mode.
 
     Leaving WAL needs every other connection to the file closed, so this fails (False) while anyone else
-    has the ledger open, and a busy database is never waited for.
+    has the ledger open. Entering WAL needs a moment with no reader in a transaction.
     """
     try:
-        con.execute("PRAGMA busy_timeout=0")
+        con.execute(f"PRAGMA busy_timeout={wait_ms}")
         try:
             got = con.execute(f"PRAGMA journal_mode={mode}").fetchone()
         finally:
@@ -694,8 +696,10 @@ class Ledger:
             yield switched
         finally:
             if switched:
-                raw.execute(f"PRAGMA mmap_size={SQLITE_MMAP_BYTES}")
-                _set_journal(raw, "WAL")
+                with suppress(sqlite3.Error):  # never hide the transaction's own error; see _restore_wal
+                    raw.execute(f"PRAGMA mmap_size={SQLITE_MMAP_BYTES}")
+                    # readers that waited for the commit may hold the file for a moment: let them finish
+                    _set_journal(raw, "WAL", wait_ms=_WAL_BACK_MS)
 
     # -- appending -------------------------------------------------------------------------------------
 
