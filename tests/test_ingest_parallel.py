@@ -169,35 +169,37 @@ def test_no_worker_processes_means_a_serial_ingest(tmp_path: Path, monkeypatch: 
     assert s.records > 0 and _entries(led) == _entries(serial)
 
 
-def test_ingest_freezes_the_heap_only_while_it_runs(tmp_path: Path) -> None:
-    """The ingest keeps pre-existing objects out of GC passes while it runs and hands them back after; a
-    caller's own gc.freeze() is left as it was."""
+@pytest.mark.parametrize("workers", [0, 1])
+def test_ingest_freezes_the_heap_only_while_it_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int
+) -> None:
+    """The ingest keeps pre-existing objects out of GC passes while it runs (serial or parallel) and hands
+    them back after; a caller's own gc.freeze() is left as it was."""
     import gc
+
+    import ledger.ingest.index as index
 
     export = tmp_path / "lb.ndjson"
     export.write_bytes(_rows(5))
     seen: list[int] = []
-    real = parallel.first_element
+    real = index.lookup
 
     def spy(*a: Any, **kw: Any) -> Any:
         seen.append(gc.get_freeze_count())
         return real(*a, **kw)
 
-    parallel.first_element = spy  # type: ignore[assignment]
+    monkeypatch.setattr(index, "lookup", spy)
+    with Ledger.open(tmp_path / "a.db", create=True) as led:
+        ingest.labelbox(export, led, pseudonym_key=pseud(), workers=workers)
+    assert seen and min(seen) > 0  # frozen during the ingest
+    assert gc.get_freeze_count() == 0  # and unfrozen after
+    gc.freeze()
     try:
-        with Ledger.open(tmp_path / "a.db", create=True) as led:
-            ingest.labelbox(export, led, pseudonym_key=pseud(), workers=1)
-        assert seen and seen[-1] > 0  # frozen during the ingest
-        assert gc.get_freeze_count() == 0  # and unfrozen after
-        gc.freeze()
-        try:
-            mine = gc.get_freeze_count()
-            with Ledger.open(tmp_path / "b.db", create=True) as led:
-                ingest.labelbox(export, led, pseudonym_key=pseud(), workers=1)
-            assert (
-                0 < gc.get_freeze_count() <= mine
-            )  # the caller's freeze is untouched (frozen objects can still be freed)
-        finally:
-            gc.unfreeze()
+        mine = gc.get_freeze_count()
+        with Ledger.open(tmp_path / "b.db", create=True) as led:
+            ingest.labelbox(export, led, pseudonym_key=pseud(), workers=workers)
+        assert (
+            0 < gc.get_freeze_count() <= mine
+        )  # the caller's freeze is untouched (frozen objects can be freed)
     finally:
-        parallel.first_element = real  # type: ignore[assignment]
+        gc.unfreeze()

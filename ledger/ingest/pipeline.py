@@ -406,18 +406,19 @@ def _ingest(
         workers = parallel.default_workers(path)
     # workers start importing while this process hashes the export (parallel.Pool)
     pool = parallel.start_pool(workers) if workers > 0 and source != "labelstudio" and not is_csv else None
-    with pool or contextlib.nullcontext(), _frozen_heap():
-        sha, size = file_sha256(path)
-        if bulk is None:
-            bulk = size >= parallel.MIN_BYTES
-        if pool is not None:
-            try:
-                return _ingest_once(source, path, ledger, pseud, project, max_item_bytes, checkpoint_seq,
-                                    model_version, chunk, sha, size, is_csv, pool, bulk)  # fmt: skip
-            except parallel.Fallback:
-                pass  # rolled back: read the file serially, exactly (see ledger.ingest.parallel)
-    return _ingest_once(source, path, ledger, pseud, project, max_item_bytes, checkpoint_seq, model_version,
-                        chunk, sha, size, is_csv, None, bulk)  # fmt: skip
+    with _frozen_heap():
+        with pool or contextlib.nullcontext():
+            sha, size = file_sha256(path)
+            if bulk is None:
+                bulk = size >= parallel.MIN_BYTES
+            if pool is not None:
+                try:
+                    return _ingest_once(source, path, ledger, pseud, project, max_item_bytes, checkpoint_seq,
+                                        model_version, chunk, sha, size, is_csv, pool, bulk)  # fmt: skip
+                except parallel.Fallback:
+                    pass  # rolled back: read the file serially, exactly (see ledger.ingest.parallel)
+        return _ingest_once(source, path, ledger, pseud, project, max_item_bytes, checkpoint_seq,
+                            model_version, chunk, sha, size, is_csv, None, bulk)  # fmt: skip
 
 
 @contextlib.contextmanager
