@@ -105,16 +105,18 @@ def test_identity_map_and_annotators(tmp_path: Path) -> None:
     assert maps[0] == maps[1] and maps[0][0] > 0 and maps[0][1]
 
 
-def test_lines_a_worker_cannot_read_fall_back_to_the_serial_reader(tmp_path: Path) -> None:
+@pytest.mark.parametrize("bulk", [False, True])
+def test_lines_a_worker_cannot_read_fall_back_to_the_serial_reader(tmp_path: Path, bulk: bool) -> None:
     rows = _rows(20).splitlines(keepends=True)
     pretty = json.dumps(json.loads(rows[12]), indent=2).encode() + b"\n"  # one value over many lines
     overflow = rows[15].replace(b'"height": 40.0', b'"height": 1e400', 1)  # msgspec refuses; json: inf
     assert overflow != rows[15]
     export = tmp_path / "mixed.ndjson"
     export.write_bytes(b"".join(rows[:12]) + pretty + b"".join(rows[13:15]) + overflow + b"".join(rows[16:]))
-    sa, sb, a, b = _both(tmp_path, "labelbox", export)
+    sa, sb, a, b = _both(tmp_path, "labelbox", export, bulk=bulk)  # bulk: the retry takes it again
     _same_summary(sa, sb)
     assert _entries(a) == _entries(b)
+    assert b.verify().ok
 
 
 def test_errors_are_the_serial_ones_and_append_nothing(tmp_path: Path) -> None:
