@@ -150,7 +150,7 @@ def test_postgresql_serial_and_parallel(tmp_path: Path, pg_url: str) -> None:
     export = tmp_path / "lb.ndjson"
     export.write_bytes(_rows(20))
     with Ledger.open(pg_url, create=True) as led:
-        s = ingest.labelbox(export, led, pseudonym_key=pseud(), workers=2)
+        s = ingest.labelbox(export, led, pseudonym_key=pseud(), workers=2, bulk=True)  # bulk: SQLite only
         again = ingest.labelbox(FIXTURES / "labelbox_export_v2.ndjson", led, pseudonym_key=pseud(), workers=0)
         assert s.records > 0 and again.records == 6
         bodies = [e.body_bytes for e in led.entries(kind="annotation", payloads=False)]
