@@ -462,6 +462,19 @@ def _sqlite_engine(path: Path, create: bool) -> Engine:
     return engine
 
 
+def _pragma_now(con: sqlite3.Connection, sql: str, wait_ms: int = 0) -> tuple[Any, ...] | None:
+    """Run one PRAGMA waiting at most ``wait_ms`` for other connections' locks; its row, None if busy."""
+    try:
+        con.execute(f"PRAGMA busy_timeout={wait_ms}")
+        try:
+            row: tuple[Any, ...] | None = con.execute(sql).fetchone()
+        finally:
+            con.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
+    except sqlite3.OperationalError:
+        return None
+    return row
+
+
 def _set_journal(con: sqlite3.Connection, mode: str, wait_ms: int = 0) -> bool:
     """Try to switch ``con``'s database to journal ``mode``, waiting at most ``wait_ms`` for other
     connections' locks; True when it now is in that mode.
@@ -469,15 +482,8 @@ def _set_journal(con: sqlite3.Connection, mode: str, wait_ms: int = 0) -> bool:
     Leaving WAL needs every other connection to the file closed, so this fails (False) while anyone else
     has the ledger open. Entering WAL needs a moment with no reader in a transaction.
     """
-    try:
-        con.execute(f"PRAGMA busy_timeout={wait_ms}")
-        try:
-            got = con.execute(f"PRAGMA journal_mode={mode}").fetchone()
-        finally:
-            con.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
-    except sqlite3.OperationalError:
-        return False
-    return bool(got) and str(got[0]).lower() == mode.lower()
+    got = _pragma_now(con, f"PRAGMA journal_mode={mode}", wait_ms)
+    return got is not None and str(got[0]).lower() == mode.lower()
 
 
 def _restore_wal(con: sqlite3.Connection) -> None:
@@ -487,15 +493,8 @@ def _restore_wal(con: sqlite3.Connection) -> None:
     holds the database right now, leave it: the next ``Ledger.open`` tries again. Only ledgers are touched
     (``Ledger.open`` calls this once it found the ledger tables), never a foreign database.
     """
-    try:
-        con.execute("PRAGMA busy_timeout=0")
-        try:
-            mode = con.execute("PRAGMA journal_mode").fetchone()
-        finally:
-            con.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
-    except sqlite3.OperationalError:
-        return
-    if mode and str(mode[0]).lower() != "wal":
+    mode = _pragma_now(con, "PRAGMA journal_mode")
+    if mode is not None and str(mode[0]).lower() != "wal":
         _set_journal(con, "WAL")
 
 
