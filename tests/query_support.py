@@ -61,3 +61,18 @@ def brute_force(records: Iterable[Any], loss_reduction: str, epochs: tuple[int, 
                 ep_s[j] += s
     assert out is not None, "no steps in range"
     return out
+
+
+def aggregate_tables(led: Any) -> dict[str, list[Any]]:
+    """Every query-aggregates table of a ledger as sorted rows, leaf hashes left out (they differ per
+    ledger): for comparing two ledgers' aggregates built in different ways."""
+    from sqlalchemy import select
+
+    from audit import aggregates
+
+    out = {}
+    with led.engine.connect() as conn:
+        for t in aggregates.INDEXER.tables:
+            cols = [c for c in t.columns if c.name != "leaf_hash"]
+            out[t.name] = [tuple(r) for r in conn.execute(select(*cols).order_by(*t.primary_key.columns))]
+    return out

@@ -19,7 +19,7 @@ from sqlalchemy import select
 from audit import aggregates, query
 from ledger import indexers
 from ledger.store import Ledger
-from tests.query_support import brute_force
+from tests.query_support import aggregate_tables, brute_force
 
 LAYERS = ["enc.0", "enc.1", "head"]
 
@@ -127,16 +127,8 @@ def test_chunked_appends_and_backfill_give_identical_tables(tmp_path: Path, smal
         indexers.register(aggregates.INDEXER)
     assert late.ensure_indexers().count(aggregates.NAME) == 1  # back-filled from the existing entries
 
-    def dump(led: Ledger) -> dict[str, list[Any]]:
-        out = {}
-        with led.engine.connect() as conn:
-            for t in aggregates.INDEXER.tables:
-                cols = [c for c in t.columns if c.name != "leaf_hash"]  # leaf hashes differ per ledger
-                out[t.name] = [tuple(r) for r in conn.execute(select(*cols).order_by(*t.primary_key.columns))]
-        return out
-
-    ref = dump(one)
-    assert ref["qa_base"] and dump(many) == ref and dump(late) == ref
+    ref = aggregate_tables(one)
+    assert ref["qa_base"] and aggregate_tables(many) == ref and aggregate_tables(late) == ref
     for led in (one, many, late):
         led.close()
 

@@ -16,11 +16,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from click.testing import CliRunner, Result
 from sqlalchemy import func, select
 
 from audit import aggregates, query  # noqa: F401  (registers the query_aggregates indexer)
-from audit.cli import main
 from ledger import keys, merkle, schema
 from ledger.archive import (
     SEGMENT_SUFFIX,
@@ -32,6 +30,8 @@ from ledger.archive import (
 )
 from ledger.records import STEP_VERSION, encode_weights
 from ledger.store import Ledger
+from tests.test_cli_ledger import one_error_line
+from tests.test_cli_ledger import run as run_cli
 
 LAYERS = ["fc1", "fc2", "fc3"]
 B = 8
@@ -97,17 +97,6 @@ def emptied_rows(led: Ledger) -> int:
     p = schema.payloads
     with led.engine.connect() as conn:
         return int(conn.execute(select(func.count()).where(func.length(p.c.data) == 0)).scalar_one())
-
-
-def run_cli(*args: Any) -> Result:
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-def one_error_line(res: Result) -> str:
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, res.stderr
-    assert lines[0].startswith("error: ")
-    return lines[0]
 
 
 def flip_member_byte(seg: Path, member: str) -> None:

@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from sqlalchemy import select
 
 from audit import aggregates, query
 from audit.memorization import rank_memorization
@@ -30,6 +29,7 @@ from ledger.records import (
     encode_weights,
     step_weights,
 )
+from tests.query_support import aggregate_tables
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -190,15 +190,6 @@ def _same_records(a: Ledger, b: Ledger, run: str) -> int:
     return len(ra)
 
 
-def _qa_dump(led: Ledger) -> dict[str, list[Any]]:
-    out = {}
-    with led.engine.connect() as conn:
-        for t in aggregates.INDEXER.tables:
-            cols = [c for c in t.columns if c.name != "leaf_hash"]  # leaf hashes differ per ledger
-            out[t.name] = [tuple(r) for r in conn.execute(select(*cols).order_by(*t.primary_key.columns))]
-    return out
-
-
 @pytest.fixture
 def small_folds(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(aggregates, "FOLD_MIN_SAMPLES", 0)
@@ -253,8 +244,8 @@ def test_v3_reads_exactly_as_v2_records_and_aggregates(tmp_path: Path, small_fol
         _write(b, 3, chunk=chunk)
         assert {e.v for e in b.entries(kind="step", payloads=False)} == {3}
         assert _same_records(a, b, "r3") == 15
-        ref = _qa_dump(a)
-        assert ref["qa_base"] and ref["qa_steps"] and _qa_dump(b) == ref
+        ref = aggregate_tables(a)
+        assert ref["qa_base"] and ref["qa_steps"] and aggregate_tables(b) == ref
         assert b.verify(deep=True).ok
         qa = query.layer(a, "r3", "head", top=50)
         qb = query.layer(b, "r3", "head", top=50)
@@ -271,7 +262,7 @@ def test_v3_on_postgresql_reads_as_v2(pg_url: str, tmp_path: Path, small_folds: 
         _write(a, 2)
         _write(b, 3, chunk=4)
         _same_records(a, b, "r3")
-        assert _qa_dump(b) == _qa_dump(a)
+        assert aggregate_tables(b) == aggregate_tables(a)
         assert b.verify(deep=True).ok
 
 
@@ -289,7 +280,7 @@ def test_v3_index_cache_survives_rollbacks_other_writers_and_cold_starts(
 
     with Ledger.open(tmp_path / "ref.db", create=True) as ref:
         _write(ref, 2)
-        want = _qa_dump(ref)
+        want = aggregate_tables(ref)
     path = tmp_path / "w.db"
     a = Ledger.open(path, create=True)
     b = Ledger.open(path)
@@ -310,7 +301,7 @@ def test_v3_index_cache_survives_rollbacks_other_writers_and_cold_starts(
             (a if i % 2 else b).append_many([item])
     finally:
         indexers.unregister("boom")
-    assert _qa_dump(a) == want and a.verify().ok
+    assert aggregate_tables(a) == want and a.verify().ok
     a.close()
     b.close()
 
@@ -342,7 +333,7 @@ def test_v3_table_is_in_the_bodies_so_archived_payloads_do_not_hide_it(
         ref.append_many(v2[:8])
         ref.append("marker", {})
         ref.append_many(v2[8:])
-        want = _qa_dump(ref)
+        want = aggregate_tables(ref)
         want_records = [(r.example_ids, r.rule_ids.tolist()) for r in ref.steps("r3")]  # type: ignore[union-attr]
     with Ledger.open(tmp_path / "a.db", create=True) as led:
         run_seq = led.append("run", _run3())
@@ -352,7 +343,7 @@ def test_v3_table_is_in_the_bodies_so_archived_payloads_do_not_hide_it(
         archive_run(led, "r3", led.size, tmp_path / "segments")
         aggregates._TABLE_CACHE.clear()
         led.append_many(items[8:])
-        assert _qa_dump(led) == want
+        assert aggregate_tables(led) == want
         got = [(r.example_ids, r.rule_ids.tolist()) for r in led.steps("r3")]  # type: ignore[union-attr]
         assert got == want_records
 
