@@ -205,3 +205,24 @@ def test_ingest_freezes_the_heap_only_while_it_runs(
         )  # the caller's freeze is untouched (frozen objects can be freed)
     finally:
         gc.unfreeze()
+
+
+def test_workers_start_only_for_an_export_they_can_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A JSON array export (Labelbox v1) is read serially: no worker processes are started for it."""
+    started: list[int] = []
+    real = parallel.start_pool
+
+    def spy(workers: int) -> Any:
+        started.append(workers)
+        return real(workers)
+
+    monkeypatch.setattr(parallel, "start_pool", spy)
+    with Ledger.open(tmp_path / "a.db", create=True) as led:
+        ingest.labelbox(FIXTURES / "labelbox_v1_export.json", led, pseudonym_key=pseud(), workers=2)
+        assert started == []
+        export = tmp_path / "lb.ndjson"
+        export.write_bytes(_rows(5))
+        ingest.labelbox(export, led, pseudonym_key=pseud(), workers=2)
+        assert started == [2]

@@ -404,8 +404,14 @@ def _ingest(
     is_csv = source == "jsonl" and path.lower().endswith(".csv")
     if workers is None:
         workers = parallel.default_workers(path)
-    # workers start importing while this process hashes the export (parallel.Pool)
-    pool = parallel.start_pool(workers) if workers > 0 and source != "labelstudio" and not is_csv else None
+    pool, first = None, None
+    if workers > 0 and source != "labelstudio" and not is_csv:
+        try:  # Fallback unless its first line holds one whole value
+            first = parallel.first_element(path, max_item_bytes)
+        except parallel.Fallback:
+            pass  # a JSON array, or a first line only the serial reader words: no workers to start
+        else:
+            pool = parallel.start_pool(workers)  # they import while this process hashes the export
     with _frozen_heap():
         with pool or contextlib.nullcontext():
             sha, size = file_sha256(path)
@@ -414,7 +420,7 @@ def _ingest(
             if pool is not None:
                 try:
                     return _ingest_once(source, path, ledger, pseud, project, max_item_bytes, checkpoint_seq,
-                                        model_version, chunk, sha, size, is_csv, pool, bulk)  # fmt: skip
+                                        model_version, chunk, sha, size, is_csv, (pool, first), bulk)  # fmt: skip
                 except parallel.Fallback:
                     pass  # rolled back: read the file serially, exactly (see ledger.ingest.parallel)
         return _ingest_once(source, path, ledger, pseud, project, max_item_bytes, checkpoint_seq,
@@ -452,15 +458,17 @@ def _ingest_once(
     sha: str,
     size: int,
     is_csv: bool,
-    pool: parallel.Pool | None,
+    parallel_from: tuple[parallel.Pool, Any] | None,
     bulk: bool,
 ) -> IngestSummary:
+    """One attempt; ``parallel_from``: the worker pool and the export's first value (decoded once, by
+    ``_ingest``), or None to read serially."""
     ctx = ParseContext(pseud, project=project, checkpoint_seq=checkpoint_seq, model_version=model_version)
     run = _Run(source, path, ledger, ctx, chunk, sha, size)
     reader: Any = None
-    if pool is not None:
-        # Fallback unless the first line holds one whole value
-        first = parallel.first_element(path, max_item_bytes)
+    pool: parallel.Pool | None = None
+    if parallel_from is not None:
+        pool, first = parallel_from
         try:
             run.detect(first, 1, 0, False)
         except IngestError:
