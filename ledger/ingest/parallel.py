@@ -98,7 +98,7 @@ class _Worker:
             checkpoint_seq=setup.checkpoint_seq,
             model_version=setup.model_version,
         )
-        self.encoder = RecordEncoder(setup.path, setup.export_ref, setup.mal_links)
+        self.encoder = RecordEncoder(setup.path, setup.export_ref, setup.mal_links, to_pickle=True)
 
     def block(self, data: bytes, first_line: int) -> BlockResult:
         from ledger.ingest.pipeline import parse_element

@@ -88,7 +88,9 @@ class Encoded(NamedTuple):
     kind: str  # "annotation" | "suggestion"
     ref: str  # label id | suggestion id
     line: int | None
-    body: bytes | None  # canonical body bytes (plain bytes pickle ~3x faster than CanonicalJSON)
+    body: (
+        bytes | None
+    )  # canonical body bytes: CanonicalJSON, or plain bytes from a worker (pickle ~3x faster)
     digest: str | None
     status: str | None
     human: bool
@@ -97,19 +99,25 @@ class Encoded(NamedTuple):
 
 
 class RecordEncoder:
-    """Turns parsed records into ``Encoded`` ones (picklable: parallel workers hold one each)."""
+    """Turns parsed records into ``Encoded`` ones (picklable: parallel workers hold one each).
 
-    def __init__(self, path: str, export_ref: dict[str, Any], mal_links: bool) -> None:
+    ``to_pickle``: bodies as plain ``bytes`` (a worker's, sent to the ingesting process); otherwise they stay
+    ``CanonicalJSON``, which the ledger takes as they are (no copy either way in the serial path).
+    """
+
+    def __init__(
+        self, path: str, export_ref: dict[str, Any], mal_links: bool, to_pickle: bool = False
+    ) -> None:
         self.path = path
         self.export_ref = export_ref
         self.mal_links = mal_links  # the ledger holds MAL suggestions: feature ids may link to them
+        self.to_pickle = to_pickle
 
     def encode(self, recs: list[Any]) -> list[Encoded]:
         out = []
         for r in recs:
             if isinstance(r, SuggestionRecord):
-                cj, digest = self.encode_one(r)
-                body = bytes(cj)
+                body, digest = self._encoded(r)
                 out.append(
                     Encoded("suggestion", r.suggestion_id, r.line, body, digest, None, False, False, None)
                 )
@@ -119,11 +127,14 @@ class RecordEncoder:
                 out.append(Encoded("annotation", r.label_id, r.line, None, None, r.status,
                                    r.producer_kind == "human", False, r))  # fmt: skip
             else:
-                cj, digest = self.encode_one(r)
-                body = bytes(cj)
+                body, digest = self._encoded(r)
                 out.append(Encoded("annotation", r.label_id, r.line, body, digest, r.status,
                                    r.producer_kind == "human", bool(r.seeded_from), None))  # fmt: skip
         return out
+
+    def _encoded(self, r: LabelRecord | SuggestionRecord) -> tuple[bytes, str]:
+        cj, digest = self.encode_one(r)
+        return (bytes(cj) if self.to_pickle else cj), digest
 
     def encode_one(self, r: LabelRecord | SuggestionRecord) -> tuple[CanonicalJSON, str]:
         """The record's canonical body bytes and ``record_sha256`` (bad fields name the record's line)."""
