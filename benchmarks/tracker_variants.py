@@ -27,6 +27,19 @@ thread's CPU time (``time.thread_time``), the whole process's CPU time (``time.p
 plus the background writer), and wall time, each as a ratio to ``plain`` from the same run. Each timed round
 ends with ``tracker.flush()``, so the writer's work for that round's steps is inside that round's clocks.
 
+``--decompose`` adds cumulative variants that switch the tracker's features on one at a time, to show where
+its cost above the engine goes (the same tracker, the same hooks; only what each step does changes):
+
+    d_structure     attach with no criterion and ``update_norms=False``, into a ledger stub that drops the step
+                    entries unbuilt: the engine plus the tracker's hooks and per-batch bookkeeping
+    d_losses        + the criterion (per-sample losses and margins)
+    d_updates       + the exact update norms (parameter snapshot, subtraction, norms)
+    d_entries       + building each step entry on the writer thread (numpy, flags, canonical JSON, payload
+                    encoding), still not stored
+    ledger_async    + the SQLite append (hashing, SQL, Merkle, the query-aggregates indexer, commit)
+
+Variants run in reverse order on odd rounds, so no variant always follows the same other one.
+
 The ledgers live in a temporary directory removed at exit.
 """
 
@@ -113,6 +126,25 @@ def _flat(out: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     return out.reshape(-1, out.shape[-1]), y.reshape(-1)
 
 
+class _StepSink:
+    """A ledger stub for the decomposition variants: ``append`` (run, policy, checkpoint entries) goes to the real
+    ledger; ``append_many`` (the step writer's groups) builds each step entry and drops it (``build=True``) or
+    drops the items unbuilt. Never used outside this benchmark."""
+
+    def __init__(self, ledger: Any, build: bool) -> None:
+        self._ledger, self._build = ledger, build
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ledger, name)
+
+    def append_many(self, items: list[Any]) -> list[Any]:
+        if self._build:
+            for item in items:
+                if callable(item):
+                    item()
+        return []
+
+
 def _tracked_pair(
     model: nn.Module,
     x: Tensor,
@@ -120,13 +152,20 @@ def _tracked_pair(
     routed: bool,
     max_pending: int,
     attach: Callable[..., Any] | None = None,
+    *,
+    sink: str | None = None,
+    losses: bool = True,
+    update_norms: bool = True,
 ) -> tuple[Step, Step]:
-    """(step, flush) of a tracked training loop; ``attach`` defaults to ``instrument.attach``."""
+    """(step, flush) of a tracked training loop; ``attach`` defaults to ``instrument.attach``.
+
+    ``sink``: None appends to a SQLite ledger; "build" / "drop" use :class:`_StepSink`. ``losses``: pass the
+    criterion to attach (per-sample losses and margins). ``update_norms``: as attach's."""
     from instrument import GradNormEngine
     from instrument import attach as default_attach
     from ledger.store import Ledger
 
-    led = Ledger.open(_tmpdir() / f"{uuid.uuid4().hex}.ledger", create=True)
+    led: Any = Ledger.open(_tmpdir() / f"{uuid.uuid4().hex}.ledger", create=True)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     crit = nn.CrossEntropyLoss()
     ids = [f"ex{i}" for i in range(x.shape[0])]
@@ -134,8 +173,18 @@ def _tracked_pair(
     if routed:
         kwargs["labels"] = _manifest(led, ids)
         kwargs["policy"] = _policy(GradNormEngine(model).layer_names)
+    if sink is not None:
+        led = _StepSink(led, build=sink == "build")
+    if not update_norms:
+        kwargs["update_norms"] = False
     tr = (attach or default_attach)(
-        model, opt, ledger=led, run="bench", criterion=crit, max_pending=max_pending, **kwargs
+        model,
+        opt,
+        ledger=led,
+        run="bench",
+        criterion=crit if losses else None,
+        max_pending=max_pending,
+        **kwargs,
     )
 
     def step() -> None:
@@ -187,7 +236,7 @@ def _load_tracker(path: str) -> Any:
     return mod.attach
 
 
-def pairs(baseline_attach: Any = None) -> dict[str, Pair]:
+def pairs(baseline_attach: Any = None, decompose: bool = False) -> dict[str, Pair]:
     """The variants of the tracker benchmark: name -> make(model, x, y) -> (step, flush or None)."""
     from step_overhead import VARIANTS
 
@@ -202,6 +251,13 @@ def pairs(baseline_attach: Any = None) -> dict[str, Pair]:
         a = baseline_attach
         out["base_ledger"] = lambda m, x, y: _tracked_pair(m, x, y, routed=False, max_pending=0, attach=a)
         out["base_async"] = lambda m, x, y: _tracked_pair(m, x, y, routed=False, max_pending=8, attach=a)
+    if decompose:  # cumulative: each adds one feature to the one before; ledger_async adds the SQLite append
+        out["d_structure"] = lambda m, x, y: _tracked_pair(
+            m, x, y, False, 8, sink="drop", losses=False, update_norms=False
+        )
+        out["d_losses"] = lambda m, x, y: _tracked_pair(m, x, y, False, 8, sink="drop", update_norms=False)
+        out["d_updates"] = lambda m, x, y: _tracked_pair(m, x, y, False, 8, sink="drop")
+        out["d_entries"] = lambda m, x, y: _tracked_pair(m, x, y, False, 8, sink="build")
     return out
 
 
@@ -215,8 +271,10 @@ def time_pairs(wl: Any, makers: dict[str, Pair], rounds: int, steps: int) -> dic
         if flush is not None:
             flush()
     got: dict[str, dict[str, list[float]]] = {n: {"thread": [], "process": [], "wall": []} for n in fns}
-    for _ in range(rounds):
-        for n, (step, flush) in fns.items():
+    names = list(fns)
+    for r in range(rounds):
+        for n in names if r % 2 == 0 else names[::-1]:  # no variant always runs right after the same one
+            step, flush = fns[n]
             t0, c0, p0 = time.perf_counter(), time.thread_time(), time.process_time()
             for _ in range(steps):
                 step()
@@ -242,10 +300,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--baseline-tracker", metavar="FILE", help="add base_ledger / base_async from FILE")
+    ap.add_argument(
+        "--decompose", action="store_true", help="add d_structure / d_losses / d_updates / d_entries (above)"
+    )
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    makers = pairs(_load_tracker(args.baseline_tracker) if args.baseline_tracker else None)
+    makers = pairs(_load_tracker(args.baseline_tracker) if args.baseline_tracker else None, args.decompose)
     batches = [int(v) for v in (args.batches or ("8" if args.quick else "64,256")).split(",")]
     rounds = args.rounds or (2 if args.quick else 9)
     steps = args.steps or (2 if args.quick else 8)

@@ -34,3 +34,29 @@ def test_quick_tracker_benchmark_with_a_baseline(capsys: pytest.CaptureFixture[s
         if r["variant"] == "plain":
             assert r["thread_x_plain"] == r["process_x_plain"] == r["wall_x_plain"] == 1.0
     assert len(out["load"]) == 2 and out["rounds"] == 2
+
+
+def test_quick_decomposition_variants(capsys: pytest.CaptureFixture[str]) -> None:
+    import tracker_variants
+
+    assert tracker_variants.main(["--quick", "--json", "--models", "mlp", "--decompose"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    decomposed = {"d_structure", "d_losses", "d_updates", "d_entries"}
+    assert decomposed <= {r["variant"] for r in rows}
+    for r in rows:
+        assert r["thread_ms"] > 0 and r["process_ms"] > 0
+
+
+def test_step_sink_builds_or_drops_the_step_entries() -> None:
+    import tracker_variants
+
+    class Real:
+        def append(self, *args: object) -> str:
+            return "real"
+
+    built: list[int] = []
+    items = [lambda: built.append(1), lambda: built.append(2)]
+    drop = tracker_variants._StepSink(Real(), build=False)
+    assert drop.append("run") == "real"  # everything but append_many reaches the real ledger
+    assert drop.append_many(items) == [] and built == []
+    assert tracker_variants._StepSink(Real(), build=True).append_many(items) == [] and built == [1, 2]
