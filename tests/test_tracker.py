@@ -912,3 +912,92 @@ def test_chunked_cross_entropy_gives_the_bytes_of_one_pass(
             x, y, weight=crit.weight, ignore_index=crit.ignore_index, reduction="none"
         )
         assert pieces.numpy().tobytes() == whole.numpy().tobytes()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("k", [1, 6], ids=["row-per-sample", "tokens"])
+def test_cross_entropy_losses_from_its_saved_log_probs_equal_the_recomputation_bit_for_bit(
+    dtype: torch.dtype, reduction: str, k: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Per-sample losses read from the log-softmax that cross-entropy saved for backward have the exact bytes
+    of the chunked recomputation (class weights, ignore_index, a perfectly confident row included)."""
+    from instrument import tracker as T
+
+    g = torch.Generator().manual_seed(11)
+    n, c = 5, 7
+    for kwargs in ({}, {"ignore_index": 2}, {"weight": torch.rand(c, generator=g, dtype=dtype) + 0.5}):
+        crit = nn.CrossEntropyLoss(reduction=reduction, **kwargs)
+        inp = (torch.randn(n * k, c, generator=g, dtype=dtype) * 4).requires_grad_()
+        with torch.no_grad():
+            inp[0] = torch.tensor([300.0, -300, -300, -300, -300, -300, -300])  # p(class 0) = 1 exactly
+        tgt = torch.randint(0, c, (n * k,), generator=g)
+        tgt[0], tgt[1] = 0, 2
+        out = crit(inp, tgt)
+        logp = T._saved_log_probs(crit, inp.detach(), tgt, out)
+        assert logp is not None
+        saved = T._per_sample_loss(crit, inp.detach(), tgt, n, logp)
+        recomputed = T._per_sample_loss(crit, inp.detach(), tgt, n)
+        monkeypatch.setattr(T, "_CHUNK_ELEMS", 1)  # one row per chunk through the reused buffer
+        chunked = T._per_sample_loss(crit, inp.detach(), tgt, n)
+        monkeypatch.undo()
+        assert saved.numpy().tobytes() == recomputed.numpy().tobytes() == chunked.numpy().tobytes()
+
+
+def test_saved_log_probs_are_used_only_where_they_are_exactly_log_softmax_of_the_input() -> None:
+    from instrument import tracker as T
+
+    class Tempered(nn.CrossEntropyLoss):  # a subclass may feed nll_loss something else
+        def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return super().forward(x / 2, t)
+
+    x = torch.randn(6, 4, requires_grad=True)
+    t = torch.randint(0, 4, (6,))
+    assert T._saved_log_probs(nn.CrossEntropyLoss(), x.detach(), t, nn.CrossEntropyLoss()(x, t)) is not None
+    smooth = nn.CrossEntropyLoss(label_smoothing=0.1)
+    assert T._saved_log_probs(smooth, x.detach(), t, smooth(x, t)) is None
+    assert T._saved_log_probs(Tempered(), x.detach(), t, Tempered()(x, t)) is None
+    nll = nn.NLLLoss()
+    assert T._saved_log_probs(nll, x.detach(), t, nll(torch.log_softmax(x, 1), t)) is None
+    with torch.no_grad():  # no autograd node to read
+        assert T._saved_log_probs(nn.CrossEntropyLoss(), x, t, nn.CrossEntropyLoss()(x, t)) is None
+    x3, t3 = torch.randn(2, 4, 3, requires_grad=True), torch.randint(0, 4, (2, 3))  # class dim 1 of [N, C, d]
+    assert T._saved_log_probs(nn.CrossEntropyLoss(), x3.detach(), t3, nn.CrossEntropyLoss()(x3, t3)) is None
+    soft = torch.softmax(torch.randn(6, 4), 1)  # probability targets
+    assert T._saved_log_probs(nn.CrossEntropyLoss(), x.detach(), soft, nn.CrossEntropyLoss()(x, soft)) is None
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1], ids=["saved-log-probs", "recomputed"])
+def test_token_level_step_losses_come_from_the_criterions_own_log_probs(
+    led: Any, smoothing: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large token-level input (recorded at once, not deferred) takes its losses from the saved log-softmax:
+    no recomputation runs, and the recorded losses are the independent per-sample values."""
+    from instrument import tracker as T
+
+    monkeypatch.setattr(T, "_DEFER_ELEMS", -1)
+    calls: list[int] = []
+    real = T._class_losses
+    monkeypatch.setattr(T, "_class_losses", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    model = TokenNet().double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    crit = nn.CrossEntropyLoss(ignore_index=-100, label_smoothing=smoothing)
+    tr = attach(model, opt, ledger=led, run="tok-saved", criterion=crit)
+    idx = torch.randint(0, 11, (4, 5))
+    tgt = torch.randint(0, 11, (4, 5))
+    tgt[1, :3] = -100
+    with torch.no_grad():
+        logits = model(idx)
+    expect = [
+        float(nn.functional.cross_entropy(logits[i], tgt[i], ignore_index=-100, label_smoothing=smoothing))
+        for i in range(4)
+    ]
+    with tr.batch(["s0", "s1", "s2", "s3"]):
+        crit(model(idx).reshape(-1, 11), tgt.reshape(-1)).backward()
+        opt.step()
+        opt.zero_grad()
+    tr.close()
+    (rec,) = led.steps("tok-saved")
+    np.testing.assert_allclose(rec.losses, expect, rtol=1e-6)
+    assert bool(calls) == (smoothing != 0.0)
