@@ -1001,3 +1001,30 @@ def test_token_level_step_losses_come_from_the_criterions_own_log_probs(
     (rec,) = led.steps("tok-saved")
     np.testing.assert_allclose(rec.losses, expect, rtol=1e-6)
     assert bool(calls) == (smoothing != 0.0)
+
+
+def test_loss_config_reads_each_criterions_own_settings() -> None:
+    from instrument import tracker as T
+
+    class MyHuber(nn.HuberLoss):
+        pass
+
+    w, pw = torch.rand(3) + 0.5, torch.rand(3) + 0.5
+    cases = [
+        (nn.CrossEntropyLoss(weight=w, ignore_index=4, label_smoothing=0.2), dict(weight=w, ignore_index=4, label_smoothing=0.2)),
+        (nn.NLLLoss(weight=w, ignore_index=1), dict(weight=w, ignore_index=1)),
+        (nn.BCEWithLogitsLoss(weight=w, pos_weight=pw), dict(weight=w, pos_weight=pw)),
+        (nn.BCELoss(weight=w), dict(weight=w)),
+        (nn.HuberLoss(delta=0.3), dict(delta=0.3)),
+        (MyHuber(delta=0.7), dict(delta=0.7)),
+        (nn.SmoothL1Loss(beta=2.5), dict(beta=2.5)),
+        (nn.MSELoss(), {}),
+    ]  # fmt: skip
+    for crit, settings in cases:
+        for _ in range(2):  # the second call goes through the per-class cache of setting names
+            cfg = T._LossConfig.of(crit)
+            assert cfg == T._LossConfig(type(crit), **settings)
+        crit_settings = dict(settings)
+        if "ignore_index" in settings:  # a setting changed between calls is read afresh
+            crit.ignore_index = crit_settings["ignore_index"] = 7
+            assert T._LossConfig.of(crit) == T._LossConfig(type(crit), **crit_settings)
