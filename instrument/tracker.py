@@ -816,21 +816,20 @@ class Tracker:
                 f"(expected {n}, or a multiple of {n} for outputs flattened batch-major)"
             )
         cfg = _LossConfig.of(module)
-        with torch.no_grad():
-            inp_d, tgt_d = inp.detach(), target.detach()
-            if (  # see _DEFER_ELEMS; under autocast the recomputation must run here, in the same context
-                inp_d.device.type == "cpu"
-                and inp_d.numel() <= _DEFER_ELEMS
-                and not torch.is_autocast_enabled("cpu")
-            ):
-                micro.criterion_out = None
-                micro.criterion_job = functools.partial(
-                    _criterion_values, cfg.detached(), inp_d.clone(), tgt_d.clone(), n
-                )
-            else:
-                micro.criterion_job = None
-                logp = _saved_log_probs(module, inp_d, tgt_d, output)
-                micro.criterion_out = _criterion_values(cfg, inp_d, tgt_d, n, logp)
+        inp_d, tgt_d = inp.detach(), target.detach()  # clones of detached tensors record no graph
+        if (  # see _DEFER_ELEMS; under autocast the recomputation must run here, in the same context
+            inp_d.device.type == "cpu"
+            and inp_d.numel() <= _DEFER_ELEMS
+            and not torch.is_autocast_enabled("cpu")
+        ):
+            micro.criterion_out = None
+            micro.criterion_job = functools.partial(
+                _criterion_values, cfg.detached(), inp_d.clone(), tgt_d.clone(), n
+            )
+        else:  # _criterion_values runs under no_grad
+            micro.criterion_job = None
+            logp = _saved_log_probs(module, inp_d, tgt_d, output)
+            micro.criterion_out = _criterion_values(cfg, inp_d, tgt_d, n, logp)
 
     # ----- user API ---------------------------------------------------------------------------------
     def epoch(self, n: int) -> None:
