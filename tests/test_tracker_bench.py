@@ -60,3 +60,22 @@ def test_step_sink_builds_or_drops_the_step_entries() -> None:
     assert drop.append("run") == "real"  # everything but append_many reaches the real ledger
     assert drop.append_many(items) == [] and built == []
     assert tracker_variants._StepSink(Real(), build=True).append_many(items) == [] and built == [1, 2]
+
+
+def test_quick_hook_timings_with_a_baseline(capsys: pytest.CaptureFixture[str]) -> None:
+    import tracker_hooks
+
+    from instrument import tracker
+
+    before = {h: tracker.Tracker.__dict__[h] for h in tracker_hooks.HOOKS}
+    baseline = str(ROOT / "instrument" / "tracker.py")
+    assert tracker_hooks.main(["--quick", "--json", "--baseline-tracker", baseline]) == 0
+    assert {h: tracker.Tracker.__dict__[h] for h in tracker_hooks.HOOKS} == before  # the wrappers are gone
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["trackers"]) == {"current", "baseline"}
+    steps = out["rounds"] * out["steps"]
+    for got in out["trackers"].values():
+        assert got["step_ms"] > 0
+        # every hook ran in every timed step (one micro-batch per optimizer step), and was timed
+        assert got["calls"] == {h: steps for h in (*tracker_hooks.HOOKS, "submit_lazy")}
+        assert all(v >= 0 for v in got["hooks_us"].values())
