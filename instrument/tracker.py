@@ -23,7 +23,9 @@ How it hooks in, and why this way:
   it sees the model output and the targets without changing the user's code. The loss is recomputed under
   ``no_grad`` with ``reduction="none"`` and averaged over each sample's elements (tokens of a sequence,
   skipping ``ignore_index``; inputs flattened batch-major to [B*T, C] are understood): at once for large or
-  non-CPU inputs, else from a copy of the inputs and settings on the writer thread (``_DEFER_ELEMS``). Supported:
+  non-CPU inputs, else from a copy of the inputs and settings on the writer thread (``_DEFER_ELEMS``). A plain
+  ``CrossEntropyLoss`` on a [N, C] input reads the log-softmax its own autograd node saved instead of
+  recomputing it (``_saved_log_probs``: the same bytes, without a second pass over the logits). Supported:
   ``CrossEntropyLoss``, ``NLLLoss`` (these also give margins for [B, C] inputs: the assigned label's logit minus
   the largest other one), ``MSELoss``, ``L1Loss``, ``SmoothL1Loss``, ``HuberLoss``, ``BCEWithLogitsLoss``,
   ``BCELoss``; any other criterion is refused at attach. ``criterion=None`` records no losses or margins.
