@@ -125,7 +125,7 @@ def _run(
 
     base, x, y = Workload(model, batch, quick).build()
     loops: dict[str, tuple[Callable[[], None], Callable[[], None]]] = {
-        name: tracker_variants._tracked_pair(copy.deepcopy(base), x, y, False, 8, attach=mod.attach)
+        name: tracker_variants._tracked_pair(copy.deepcopy(base), x, y, False, None, attach=mod.attach)
         for name, mod in modules.items()
     }
     for step, flush in loops.values():  # warm-up

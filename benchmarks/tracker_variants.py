@@ -37,6 +37,8 @@ its cost above the engine goes (the same tracker, the same hooks; only what each
     d_entries       + building each step entry on the writer thread (numpy, flags, canonical JSON, payload
                     encoding), still not stored
     ledger_async    + the SQLite append (hashing, SQL, Merkle, the query-aggregates indexer, commit)
+    async_pending8  ledger_async with ``max_pending=8`` (groups of 4 steps per transaction; the default
+                    before 2026-11-28 was 8, now 16)
 
 Variants run in reverse order on odd rounds, so no variant always follows the same other one.
 
@@ -150,7 +152,7 @@ def _tracked_pair(
     x: Tensor,
     y: Tensor,
     routed: bool,
-    max_pending: int,
+    max_pending: int | None,
     attach: Callable[..., Any] | None = None,
     *,
     sink: str | None = None,
@@ -159,8 +161,9 @@ def _tracked_pair(
 ) -> tuple[Step, Step]:
     """(step, flush) of a tracked training loop; ``attach`` defaults to ``instrument.attach``.
 
-    ``sink``: None appends to a SQLite ledger; "build" / "drop" use :class:`_StepSink`. ``losses``: pass the
-    criterion to attach (per-sample losses and margins). ``update_norms``: as attach's."""
+    ``max_pending``: as attach's (None: attach's default). ``sink``: None appends to a SQLite ledger; "build" /
+    "drop" use :class:`_StepSink`. ``losses``: pass the criterion to attach (per-sample losses and margins).
+    ``update_norms``: as attach's."""
     from instrument import GradNormEngine
     from instrument import attach as default_attach
     from ledger.store import Ledger
@@ -177,13 +180,14 @@ def _tracked_pair(
         led = _StepSink(led, build=sink == "build")
     if not update_norms:
         kwargs["update_norms"] = False
+    if max_pending is not None:
+        kwargs["max_pending"] = max_pending
     tr = (attach or default_attach)(
         model,
         opt,
         ledger=led,
         run="bench",
         criterion=crit if losses else None,
-        max_pending=max_pending,
         **kwargs,
     )
 
@@ -196,7 +200,7 @@ def _tracked_pair(
     return step, tr.flush
 
 
-def _tracked(model: nn.Module, x: Tensor, y: Tensor, routed: bool, max_pending: int) -> Step:
+def _tracked(model: nn.Module, x: Tensor, y: Tensor, routed: bool, max_pending: int | None) -> Step:
     return _tracked_pair(model, x, y, routed, max_pending)[0]
 
 
@@ -213,7 +217,7 @@ def register(variant: Callable[[str], Callable[[Maker], Maker]]) -> None:
 
     @variant("ledger_async")
     def make_ledger_async(model: nn.Module, x: Tensor, y: Tensor) -> Step:
-        return _tracked(model, x, y, routed=False, max_pending=8)
+        return _tracked(model, x, y, routed=False, max_pending=None)
 
 
 # --------------------------------------------------------------------------- the tracker benchmark
@@ -244,20 +248,22 @@ def pairs(baseline_attach: Any = None, decompose: bool = False) -> dict[str, Pai
         "plain": lambda m, x, y: (VARIANTS["plain"](m, x, y), None),
         "norms": lambda m, x, y: (VARIANTS["norms"](m, x, y), None),
         "ledger": lambda m, x, y: _tracked_pair(m, x, y, routed=False, max_pending=0),
-        "ledger_async": lambda m, x, y: _tracked_pair(m, x, y, routed=False, max_pending=8),
-        "routing_async": lambda m, x, y: _tracked_pair(m, x, y, routed=True, max_pending=8),
+        "ledger_async": lambda m, x, y: _tracked_pair(m, x, y, routed=False, max_pending=None),
+        "routing_async": lambda m, x, y: _tracked_pair(m, x, y, routed=True, max_pending=None),
     }
     if baseline_attach is not None:
         a = baseline_attach
         out["base_ledger"] = lambda m, x, y: _tracked_pair(m, x, y, routed=False, max_pending=0, attach=a)
-        out["base_async"] = lambda m, x, y: _tracked_pair(m, x, y, routed=False, max_pending=8, attach=a)
+        out["base_async"] = lambda m, x, y: _tracked_pair(m, x, y, routed=False, max_pending=None, attach=a)
     if decompose:  # cumulative: each adds one feature to the one before; ledger_async adds the SQLite append
         out["d_structure"] = lambda m, x, y: _tracked_pair(
-            m, x, y, False, 8, sink="drop", losses=False, update_norms=False
+            m, x, y, False, None, sink="drop", losses=False, update_norms=False
         )
-        out["d_losses"] = lambda m, x, y: _tracked_pair(m, x, y, False, 8, sink="drop", update_norms=False)
-        out["d_updates"] = lambda m, x, y: _tracked_pair(m, x, y, False, 8, sink="drop")
-        out["d_entries"] = lambda m, x, y: _tracked_pair(m, x, y, False, 8, sink="build")
+        out["d_losses"] = lambda m, x, y: _tracked_pair(m, x, y, False, None, sink="drop", update_norms=False)
+        out["d_updates"] = lambda m, x, y: _tracked_pair(m, x, y, False, None, sink="drop")
+        out["d_entries"] = lambda m, x, y: _tracked_pair(m, x, y, False, None, sink="build")
+        # the writer's group size: ledger_async with max_pending=8 (groups of 4), the default before 2026-11-28
+        out["async_pending8"] = lambda m, x, y: _tracked_pair(m, x, y, False, 8)
     return out
 
 

@@ -464,6 +464,12 @@ class _Pending:
     eps: float | None = None
 
 
+# Steps that may wait for the background writer (see StepWriter): it commits them in groups of half this many.
+# 16 rather than 8: on small steps (an MLP at B = 64, 4-5 ms) the writer's CPU per step fell by 0.6-1.0 ms in
+# groups of 8 against groups of 4 (BENCHMARKS.md); a crash loses at most this many steps, at most ~0.25 s of
+# them (the linger), and never half a step.
+MAX_PENDING = 16
+
 _EntryArgs = tuple[str, dict[str, Any], dict[str, np.ndarray], int]  # (kind, body, payloads, v)
 # A queued step: the entry itself, or a function that builds it (run on the writer thread, so the body's
 # assembly and encoding stay off the training thread).
@@ -476,18 +482,20 @@ class StepWriter:
 
     Group commit: the writer waits until half of ``max_pending`` steps are queued, or the oldest queued step
     has waited ``linger`` seconds, or someone calls ``flush``/``close``, and appends everything queued in ONE
-    ``append_many`` transaction. A transaction's fixed cost (BEGIN IMMEDIATE, reading the head and Merkle
-    frontier, the indexers' per-transaction reads, the commit) was ~0.6-0.7 ms of CPU against ~0.2-0.3 ms per
-    step entry (SQLite, B = 64-256): groups of 4 (the default) halve the append's CPU per step. A step is still
-    either fully in the ledger or absent (a transaction holds whole entries only). What a crash loses: the
-    steps not yet committed, never more than ``max_pending`` (``submit`` blocks while that many are
-    uncommitted), and a queued step waits at most about ``linger`` plus a commit in progress; ``flush`` waits
-    until everything submitted is committed, and ``close`` (and interpreter exit) flushes. An append error is sticky: re-raised (chained) by every later ``submit`` /
-    ``flush`` / ``close``, and no later step is appended. ``max_pending=0`` appends synchronously in
-    ``submit``.
+    ``append_many`` transaction. A transaction has a fixed cost (BEGIN IMMEDIATE, reading the head and Merkle
+    frontier, the indexers' per-transaction reads and checks, the commit) on top of ~0.2-0.3 ms of CPU per
+    step entry (SQLite, B = 64-256); groups of 8 (the default, ``max_pending=16``) used 0.6-1.0 ms less
+    process CPU per step than groups of 4 for an MLP at B = 64 (BENCHMARKS.md).
+
+    A step is still either fully in the ledger or absent (a transaction holds whole entries only). What a
+    crash loses: the steps not yet committed, never more than ``max_pending`` (``submit`` blocks while that
+    many are uncommitted), and a queued step waits at most about ``linger`` plus a commit in progress;
+    ``flush`` waits until everything submitted is committed, and ``close`` (and interpreter exit) flushes. An
+    append error is sticky: re-raised (chained) by every later ``submit`` / ``flush`` / ``close``, and no
+    later step is appended. ``max_pending=0`` appends synchronously in ``submit``.
     """
 
-    def __init__(self, ledger: Any, max_pending: int = 8, linger: float = 0.25) -> None:
+    def __init__(self, ledger: Any, max_pending: int = MAX_PENDING, linger: float = 0.25) -> None:
         self.ledger = ledger
         self.sync = max_pending <= 0
         self.max_pending = max(max_pending, 1)
@@ -621,7 +629,7 @@ class Tracker:
         seed: int | None = None,
         criterion: nn.Module | None = None,
         update_norms: bool = True,
-        max_pending: int = 8,
+        max_pending: int = MAX_PENDING,
         sketch: Any = None,
         states: Any = None,
     ) -> None:
@@ -1223,7 +1231,7 @@ def attach(
     seed: int | None = None,
     criterion: nn.Module | None = None,
     update_norms: bool = True,
-    max_pending: int = 8,
+    max_pending: int = MAX_PENDING,
     sketch: Any = None,
     states: Any = None,
 ) -> Tracker:
