@@ -79,3 +79,7 @@ def test_quick_hook_timings_with_a_baseline(capsys: pytest.CaptureFixture[str]) 
         # every hook ran in every timed step (one micro-batch per optimizer step), and was timed
         assert got["calls"] == {h: steps for h in (*tracker_hooks.HOOKS, "submit_lazy")}
         assert all(v >= 0 for v in got["hooks_us"].values())
+    # the writer's transactions were timed: every timed step of both trackers was appended by one of them
+    writer = out["writer"]
+    assert writer["steps"] == 2 * steps and writer["transactions"] >= 2
+    assert writer["cpu_ms_per_step"] > 0 and writer["cpu_ms_per_transaction"] > 0
