@@ -440,7 +440,7 @@ class QueryAggregates:
         r = cache.get(run_seq)
         if r is None:
             if conn.dialect.name == "sqlite":  # once per append transaction, where SQLAlchemy's statement
-                # machinery cost ~0.5 ms of CPU (a one-step transaction: 2.7 -> 2.2 ms; BENCHMARKS.md)
+                # machinery cost 0.1-0.8 ms of CPU in a training loop (BENCHMARKS.md, "Training tracker")
                 row = _sqlite(conn).execute(_SQLITE_SELECT_RUN, (run_seq,)).fetchone()
             else:
                 row = conn.execute(
