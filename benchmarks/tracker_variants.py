@@ -307,7 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--baseline-tracker", metavar="FILE", help="add base_ledger / base_async from FILE")
     ap.add_argument(
-        "--decompose", action="store_true", help="add d_structure / d_losses / d_updates / d_entries / async_pending8"
+        "--decompose",
+        action="store_true",
+        help="add d_structure / d_losses / d_updates / d_entries / async_pending8",
     )
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     args = ap.parse_args(argv)
