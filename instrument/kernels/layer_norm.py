@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Call, LayerGrads, Request, register_kernel, trainable
+from .base import Call, LayerGrads, Request, register_kernel, trainable, weighted_sum
 from .normalization import materialised, reduce_to
 
 
@@ -71,11 +71,10 @@ def layer_norm_kernel(module: nn.Module, calls: list[Call], req: Request) -> Lay
     norm_sq = torch.linalg.vector_norm(flat, dim=(1, 2)).square_()
 
     def grads(scale: Tensor | None) -> dict[str, Tensor]:
-        w = torch.ones(b, dtype=dt, device=dev) if scale is None else scale.to(dt)
         shape = module.normalized_shape
         return {
-            "weight": torch.mv(flat[:, 0].t(), w).view(shape),
-            "bias": torch.mv(flat[:, 1].t(), w).view(shape),
+            "weight": weighted_sum(flat[:, 0], scale).view(shape),
+            "bias": weighted_sum(flat[:, 1], scale).view(shape),
         }
 
     return LayerGrads(norm_sq, grads)
