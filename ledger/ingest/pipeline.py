@@ -88,9 +88,8 @@ class Encoded(NamedTuple):
     kind: str  # "annotation" | "suggestion"
     ref: str  # label id | suggestion id
     line: int | None
-    body: (
-        bytes | None
-    )  # canonical body bytes: CanonicalJSON, or plain bytes from a worker (pickle ~3x faster)
+    # canonical body bytes: CanonicalJSON, or plain bytes from a worker (they pickle ~3x faster)
+    body: bytes | None
     digest: str | None
     status: str | None
     human: bool
